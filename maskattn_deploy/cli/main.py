@@ -1,0 +1,77 @@
+"""``maskattn-deploy``: the command-line entry point.
+
+The group is lazy: ``--help`` lists every command from the table below without importing
+torch, onnxruntime or tensorrt; a command's module is imported only when it runs. Each command
+module exposes a click command named ``command``; it builds a typed config and calls one
+library function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import click
+
+# name -> (module, one-line help). Order is the order shown by --help.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("maskattn_deploy.cli.demo", "Run the whole job on the built-in tiny model and write a report."),
+    "train": ("maskattn_deploy.cli.train", "Train MaskAttn gate heads with the SDXL backbone frozen."),
+    "export": ("maskattn_deploy.cli.export", "Export the gated pipeline to ONNX (optionally fp16, then engines)."),
+    "build": ("maskattn_deploy.cli.build", "Build TensorRT engines from an export folder."),
+    "generate": ("maskattn_deploy.cli.generate", "Generate images via TensorRT, ONNX Runtime or PyTorch."),
+    "parity": ("maskattn_deploy.cli.parity", "Compare backends against the PyTorch reference."),
+    "bench": ("maskattn_deploy.cli.bench", "Benchmark UNet steps and the pipeline, masked vs unmasked."),
+    "gates": ("maskattn_deploy.cli.gates", "Inspect and import gate checkpoints."),
+    "selftest": ("maskattn_deploy.cli.selftest", "GPU validation run (kernel, full-size UNet); --dry-run on CPU."),
+    "env": ("maskattn_deploy.cli.env", "Show versions, devices and which backends are usable here."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module = importlib.import_module(COMMANDS[cmd_name][0])
+        return module.command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="maskattn-deploy")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def cli(verbose: int) -> None:
+    """MaskAttn-SDXL deployment toolkit: train gates, export ONNX, build TensorRT engines,
+    generate images and prove parity between backends."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    """Console-script entry point; user errors exit 2 with one line, not a traceback."""
+    from maskattn_deploy.errors import UserError
+
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        raise SystemExit(1) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except UserError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+
+
+if __name__ == "__main__":
+    main()

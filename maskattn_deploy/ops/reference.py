@@ -1,0 +1,54 @@
+"""Reference (oracle) masked softmax: the semantics every other implementation must match.
+
+Shapes: logits ``S [b, h, n, t]`` (fp16/bf16/fp32), gate logits ``G [b, 1, n, t]`` (fp32 or the
+dtype of S; broadcast over heads). Output ``P [b, h, n, t]`` in the dtype of S.
+
+Open set of a row (b, n): tokens with ``g > threshold``; a row with no open token opens exactly
+the token with the largest g (ties: lowest index). Probabilities are a softmax over the open set
+computed in fp32; closed tokens get exactly 0. Non-finite logits only affect their own row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from maskattn_deploy.ops.contract import DEFAULT_THRESHOLD
+
+
+def open_mask(gate_logits: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> torch.Tensor:
+    """Boolean open set ``[..., t]`` with the argmax fallback for rows that would be empty."""
+    g = gate_logits.float()
+    is_open = g > threshold
+    row_empty = ~is_open.any(dim=-1, keepdim=True)
+    # torch.argmax returns the first maximal index, which is the tie rule of the contract.
+    fallback = torch.zeros_like(is_open).scatter_(-1, g.argmax(dim=-1, keepdim=True), True)
+    return torch.where(row_empty, fallback, is_open)
+
+
+def masked_softmax_reference(
+    logits: torch.Tensor, gate_logits: torch.Tensor, threshold: float = DEFAULT_THRESHOLD
+) -> torch.Tensor:
+    """Softmax of ``logits`` over the open set of ``gate_logits`` (see module docstring)."""
+    check_shapes(logits, gate_logits)
+    is_open = open_mask(gate_logits, threshold)  # [b, 1, n, t]
+    s = logits.float().masked_fill(~is_open, float("-inf"))  # [b, h, n, t]
+    p = torch.softmax(s, dim=-1)
+    return p.masked_fill(~is_open, 0.0).to(logits.dtype)
+
+
+def check_shapes(logits: torch.Tensor, gate_logits: torch.Tensor) -> None:
+    """Raise a clear error unless S is [b,h,n,t] and G is [b,1,n,t] (or [b,h,n,t])."""
+    if logits.dim() != 4 or gate_logits.dim() != 4:
+        raise ValueError(
+            f"masked_softmax expects logits [b,h,n,t] and gate logits [b,1,n,t]; got "
+            f"{tuple(logits.shape)} and {tuple(gate_logits.shape)}"
+        )
+    b, h, n, t = logits.shape
+    gb, gh, gn, gt = gate_logits.shape
+    if (gb, gn, gt) != (b, n, t) or gh not in (1, h):
+        raise ValueError(
+            f"gate logits {tuple(gate_logits.shape)} do not match logits {tuple(logits.shape)}: "
+            "expected [b,1,n,t] with the same b, n and t"
+        )
+    if not logits.is_floating_point() or not gate_logits.is_floating_point():
+        raise TypeError("masked_softmax needs floating-point logits and gate logits")
