@@ -59,9 +59,13 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise UserError(f"{target} already exists; pass --overwrite to replace it")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        tmp = Path(
+            tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        )
     except OSError as exc:
-        raise UserError(f"cannot write to {target.parent}: {exc.strerror}; choose a writable --out") from exc
+        raise UserError(
+            f"cannot write to {target.parent}: {exc.strerror}; choose a writable --out"
+        ) from exc
     try:
         yield tmp
         if target.exists():

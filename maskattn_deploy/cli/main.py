@@ -15,16 +15,37 @@ import click
 
 # name -> (module, one-line help). Order is the order shown by --help.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("maskattn_deploy.cli.demo", "Run the whole job on the built-in tiny model and write a report."),
-    "train": ("maskattn_deploy.cli.train", "Train MaskAttn gate heads with the SDXL backbone frozen."),
-    "export": ("maskattn_deploy.cli.export", "Export the gated pipeline to ONNX (optionally fp16, then engines)."),
+    "demo": (
+        "maskattn_deploy.cli.demo",
+        "Run the whole job on the built-in tiny model and write a report.",
+    ),
+    "train": (
+        "maskattn_deploy.cli.train",
+        "Train MaskAttn gate heads with the SDXL backbone frozen.",
+    ),
+    "export": (
+        "maskattn_deploy.cli.export",
+        "Export the gated pipeline to ONNX (optionally fp16, then engines).",
+    ),
     "build": ("maskattn_deploy.cli.build", "Build TensorRT engines from an export folder."),
-    "generate": ("maskattn_deploy.cli.generate", "Generate images via TensorRT, ONNX Runtime or PyTorch."),
+    "generate": (
+        "maskattn_deploy.cli.generate",
+        "Generate images via TensorRT, ONNX Runtime or PyTorch.",
+    ),
     "parity": ("maskattn_deploy.cli.parity", "Compare backends against the PyTorch reference."),
-    "bench": ("maskattn_deploy.cli.bench", "Benchmark UNet steps and the pipeline, masked vs unmasked."),
+    "bench": (
+        "maskattn_deploy.cli.bench",
+        "Benchmark UNet steps and the pipeline, masked vs unmasked.",
+    ),
     "gates": ("maskattn_deploy.cli.gates", "Inspect and import gate checkpoints."),
-    "selftest": ("maskattn_deploy.cli.selftest", "GPU validation run (kernel, full-size UNet); --dry-run on CPU."),
-    "env": ("maskattn_deploy.cli.env", "Show versions, devices and which backends are usable here."),
+    "selftest": (
+        "maskattn_deploy.cli.selftest",
+        "GPU validation run (kernel, full-size UNet); --dry-run on CPU.",
+    ),
+    "env": (
+        "maskattn_deploy.cli.env",
+        "Show versions, devices and which backends are usable here.",
+    ),
 }
 
 

@@ -15,7 +15,9 @@ from maskattn_deploy.ops.reference import masked_softmax_reference
 
 
 @torch.library.custom_op(TORCH_QUALNAME, mutates_args=())
-def masked_softmax(logits: torch.Tensor, gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+def masked_softmax(
+    logits: torch.Tensor, gate_logits: torch.Tensor, threshold: float
+) -> torch.Tensor:
     """Masked softmax over the open set of ``gate_logits`` (reference semantics)."""
     return masked_softmax_reference(logits, gate_logits, threshold)
 

@@ -1,0 +1,96 @@
+"""The gated cross-attention processor (a diffusers attention processor for ``attn2``).
+
+It mirrors diffusers' ``AttnProcessor2_0`` projections and output path, but computes the
+attention probabilities explicitly so the gate can restrict the softmax:
+
+    s = q k^T * scale          [b, h, n, t]
+    g = gate_head(x, ctx)      [b, n, t]   (fp32)
+    p = masked_softmax(s, g)   [b, h, n, t]  (exact mask at inference, STE when training)
+    o = p v                    [b, h, n, d]
+
+Inference calls the ``maskattn::masked_softmax`` custom op: one node in the ONNX export and the
+Triton kernel on CUDA. The processor is a plain object (not an nn.Module) so that casting the
+UNet to fp16 never casts the gates, which stay fp32 in their :class:`GateSet`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from maskattn_deploy.gating.mask import training_softmax
+from maskattn_deploy.ops.reference import open_mask
+from maskattn_deploy.ops.torch_op import masked_softmax_op
+
+if TYPE_CHECKING:
+    from maskattn_deploy.gating.gateset import GateSet
+
+
+class MaskAttnProcessor:
+    """Processor for one gated ``attn2`` layer; the heads live in the shared :class:`GateSet`."""
+
+    def __init__(self, gates: GateSet, layer_name: str) -> None:
+        self.gates = gates
+        self.layer_name = layer_name
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is None:
+            raise ValueError(f"{self.layer_name}: MaskAttn gates only apply to cross-attention")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+
+        gate_logits = self.gates.gate_logits(self.layer_name, hidden_states, encoder_hidden_states)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [b, h, n, d]
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [b, h, t, d]
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # [b, h, t, d]
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [b, h, n, t]
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
+            logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).to(logits.dtype)
+        probs = self._probabilities(logits, gate_logits)
+        out = torch.matmul(probs.to(value.dtype), value)  # [b, h, n, d]
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _probabilities(self, logits: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+        threshold = self.gates.threshold
+        if self.gates.observing:
+            self.gates.observe(self.layer_name, open_mask(gate_logits.detach(), threshold))
+        if self.gates.ste:
+            return training_softmax(logits, gate_logits, threshold)
+        return masked_softmax_op(logits, gate_logits[:, None], threshold)
