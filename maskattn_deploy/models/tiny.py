@@ -154,3 +154,24 @@ def tiny_pipeline_dir() -> Path:
     with atomic_dir(target, overwrite=True) as tmp:
         build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
     return target
+
+
+def tiny_default_gates_dir(seed: int = 1234) -> Path:
+    """Seeded, untrained gates for the tiny model (default ``mid`` placement), cached on disk.
+
+    They let ``generate`` and ``export`` run on a fresh machine before any training; their
+    metadata says ``untrained``. ``maskattn-deploy train --recipe tiny-synthetic`` makes real ones.
+    """
+    from maskattn_deploy.gating import GateConfig, GateSet, select_layers
+    from maskattn_deploy.gating.checkpoint import checkpoint_from_gates, write_checkpoint
+
+    target = cache_root() / f"tiny-gates-seeded-{seed}"
+    if (target / "gates.json").is_file():
+        return target
+    unet = build_tiny_unet()
+    config = GateConfig()
+    torch.manual_seed(seed)
+    gates = GateSet(config, select_layers(unet, config))
+    ckpt = checkpoint_from_gates(gates, unet, step=0, metadata={"kind": "untrained", "seed": seed})
+    write_checkpoint(ckpt, target)
+    return target
