@@ -174,12 +174,15 @@ def load_gates(path: str | Path | GateCheckpoint, unet: torch.nn.Module) -> Gate
             f"these gates were trained for UNet {ckpt.unet_fingerprint}, but the model has "
             f"UNet {current}: use gates trained for this model (or retrain them)"
         )
-    layers = [layer.name for layer in select_layers(unet, ckpt.config)]
-    if layers != list(ckpt.layer_to_head):
+    try:
+        layers = select_layers(unet, ckpt.config)
+    except ValueError as exc:
+        raise CheckpointError(f"these gates do not fit this UNet: {exc}") from exc
+    if {layer.name for layer in layers} != set(ckpt.layer_to_head):
         raise CheckpointError(
-            "the checkpoint's gated layers do not exist in this UNet: use gates trained for this model"
+            "the checkpoint's gated layers do not match this UNet's: use gates trained for this model"
         )
-    gates = GateSet(ckpt.config, select_layers(unet, ckpt.config))
+    gates = GateSet(ckpt.config, layers)
     try:
         gates.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as exc:

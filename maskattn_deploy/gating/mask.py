@@ -11,12 +11,12 @@ from maskattn_deploy.ops.reference import open_mask
 def straight_through_gate(gate_logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Forward: the hard mask (with argmax fallback) exactly; backward: d sigmoid(g - threshold).
 
-    ``hard + soft - soft.detach()`` has the value of ``hard`` exactly (x - x == 0 in floating
+    ``hard + (soft - soft.detach())`` has the value of ``hard`` exactly (x - x == 0 in floating
     point) and the gradient of ``soft``.
     """
     soft = torch.sigmoid(gate_logits.float() - threshold)
     hard = open_mask(gate_logits, threshold).to(soft.dtype)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())
 
 
 def training_softmax(

@@ -1,0 +1,241 @@
+"""Gating on diffusers UNets: equivalence, explicit attention, gradients, STE, placement."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from maskattn_deploy.gating import GateConfig, install_gates, remove_gates, select_layers
+from maskattn_deploy.gating.mask import straight_through_gate
+from maskattn_deploy.models.tiny import build_tiny_sd15_unet, build_tiny_unet
+
+
+def sdxl_inputs(unet: torch.nn.Module, batch: int = 2, size: int = 16) -> dict:
+    g = torch.Generator().manual_seed(0)
+    text_dim = unet.config.cross_attention_dim
+    pooled = (
+        unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    )
+    return dict(
+        sample=torch.randn(batch, 4, size, size, generator=g),
+        timestep=torch.tensor([500.0] * batch),
+        encoder_hidden_states=torch.randn(batch, 77, text_dim, generator=g),
+        added_cond_kwargs={
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]] * batch),
+        },
+    )
+
+
+def sd15_inputs(unet: torch.nn.Module) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return dict(
+        sample=torch.randn(2, 4, 16, 16, generator=g),
+        timestep=torch.tensor([10.0, 900.0]),
+        encoder_hidden_states=torch.randn(2, 77, unet.config.cross_attention_dim, generator=g),
+    )
+
+
+def randomize(gates: torch.nn.Module, seed: int = 0, std: float = 0.5) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.mark.parametrize(
+    ("build", "inputs"), [(build_tiny_unet, sdxl_inputs), (build_tiny_sd15_unet, sd15_inputs)]
+)
+def test_forced_open_equals_stock_processor(build, inputs) -> None:
+    unet = build()
+    unet.set_attn_processor(AttnProcessor2_0())
+    feed = inputs(unet)
+    with torch.no_grad():
+        stock = unet(**feed).sample
+        gates = install_gates(unet, GateConfig(stage="all"))
+        randomize(gates)
+        with gates.forced_open():
+            gated = unet(**feed).sample
+        masked = unet(**feed).sample
+    assert torch.allclose(gated, stock, atol=1e-5)  # fp32: explicit softmax vs SDPA rounding
+    assert not torch.allclose(masked, stock, atol=1e-3)  # real gates change the output
+
+
+def test_processor_matches_explicit_attention_and_zeros_masked() -> None:
+    unet = build_tiny_unet()
+    gates = install_gates(unet, GateConfig(stage="mid"))
+    randomize(gates, seed=3)
+    name = gates.layers[0]
+    attn = unet.get_submodule(name)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, attn.query_dim, generator=g)  # [b, n, c]
+    ctx = torch.randn(2, 77, attn.cross_attention_dim, generator=g)  # [b, t, e]
+    head = gates.heads[gates.layer_to_head[name]]
+    with torch.no_grad():  # centre the gate logits so about half the gates are open
+        head.bias.sub_(
+            (head.latent_mlp(x) @ head.text_mlp(ctx).transpose(1, 2)).median() * head.scale
+            + head.bias
+        )
+    with torch.no_grad(), gates.recording() as rec:
+        out = attn(x, encoder_hidden_states=ctx)
+        # Independent computation, written out.
+        u = head.latent_mlp(x)
+        v = head.text_mlp(ctx)
+        glog = u @ v.transpose(1, 2) / head.hidden_dim**0.5 + head.bias  # [b, n, t]
+        is_open = glog > 0
+        empty = ~is_open.any(-1)
+        is_open[empty] = torch.nn.functional.one_hot(glog[empty].argmax(-1), 77).bool()
+        h = attn.heads
+        q = attn.to_q(x).view(2, 16, h, -1).transpose(1, 2)
+        k = attn.to_k(ctx).view(2, 77, h, -1).transpose(1, 2)
+        vv = attn.to_v(ctx).view(2, 77, h, -1).transpose(1, 2)
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        s = s.masked_fill(~is_open[:, None], float("-inf"))
+        p = torch.softmax(s, -1)
+        o = (p @ vv).transpose(1, 2).reshape(2, 16, -1)
+        expected = attn.to_out[0](o)
+    assert torch.allclose(out, expected, atol=1e-5)  # fp32 matmul order differences
+    assert torch.equal(rec[name][0], is_open)  # recorded masks are the masks used
+    assert 0.05 < is_open.float().mean() < 0.95  # the case is not trivially all-open/closed
+
+
+def test_masked_entries_get_exactly_zero_probability() -> None:
+    from maskattn_deploy.ops.torch_op import masked_softmax_op
+
+    g = torch.Generator().manual_seed(0)
+    s, gl = torch.randn(2, 2, 8, 77, generator=g), torch.randn(2, 1, 8, 77, generator=g)
+    p = masked_softmax_op(s, gl)
+    closed = (gl <= 0).expand_as(p)
+    fallback_rows = ~(gl > 0).any(-1, keepdim=True).expand_as(p)
+    assert torch.all(p[closed & ~fallback_rows] == 0)
+    assert torch.all(p[~closed] > 0)  # open tokens keep positive probability
+
+
+def test_only_gates_get_gradients_and_backbone_is_unchanged() -> None:
+    unet = build_tiny_unet()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    gates = install_gates(unet, GateConfig(stage="all"))
+    gates.set_training(True)
+    unet(**sdxl_inputs(unet)).sample.square().mean().backward()
+    assert all(p.grad is None for p in unet.parameters())
+    assert all(not p.requires_grad for p in unet.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.parameters())
+    remove_gates(unet)
+    after = unet.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_remove_restores_stock_processors() -> None:
+    unet = build_tiny_unet()
+    original = {k: type(v) for k, v in unet.attn_processors.items()}
+    install_gates(unet, GateConfig())
+    remove_gates(unet)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == original
+
+
+def test_ste_forward_is_hard_mask_and_backward_is_sigmoid() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g, dtype=torch.float64).requires_grad_(True)
+    weights = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    ste = straight_through_gate(logits, threshold=0.3)
+    hard = (logits > 0.3).double()
+    empty = hard.sum(-1) == 0
+    assert not empty.any()  # this case has no fallback rows, so hard == threshold
+    assert torch.equal(ste.detach(), hard)
+    (ste * weights).sum().backward()
+    # Numerical derivative of the sigmoid surrogate sum(w * sigmoid(g - thr)).
+    eps = 1e-6
+    surrogate = lambda z: (weights * torch.sigmoid(z - 0.3)).sum()  # noqa: E731
+    num = torch.zeros_like(logits)
+    flat = logits.detach().clone().view(-1)
+    for i in range(flat.numel()):
+        plus, minus = flat.clone(), flat.clone()
+        plus[i] += eps
+        minus[i] -= eps
+        num.view(-1)[i] = (surrogate(plus.view_as(logits)) - surrogate(minus.view_as(logits))) / (
+            2 * eps
+        )
+    assert torch.allclose(logits.grad, num, atol=1e-8)  # central differences in fp64
+
+
+def test_training_mode_forward_equals_inference_forward() -> None:
+    unet = build_tiny_unet()
+    gates = install_gates(unet, GateConfig(stage="all"))
+    randomize(gates, seed=4)
+    feed = sdxl_inputs(unet)
+    with torch.no_grad():
+        exact = unet(**feed).sample
+        gates.set_training(True)
+        ste = unet(**feed).sample
+    assert torch.allclose(exact, ste, atol=1e-5)  # -1e4 bias underflows to exactly 0 in fp32
+
+
+def test_gates_stay_fp32_under_bf16_unet() -> None:
+    unet = build_tiny_unet().to(torch.bfloat16)
+    gates = install_gates(unet, GateConfig())
+    feed = sdxl_inputs(unet)
+    feed = {k: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v for k, v in feed.items()}
+    feed["added_cond_kwargs"] = {
+        k: v.to(torch.bfloat16) for k, v in feed["added_cond_kwargs"].items()
+    }
+    with torch.no_grad():
+        out = unet(**feed).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert all(p.dtype == torch.float32 for p in gates.parameters())
+    x = torch.randn(1, 4, gates.layer_info[gates.layers[0]].latent_dim, dtype=torch.bfloat16)
+    ctx = torch.randn(1, 77, 64, dtype=torch.bfloat16)
+    assert gates.gate_logits(gates.layers[0], x, ctx).dtype == torch.float32
+
+
+def test_placement_stages_on_tiny_match_sdxl_names() -> None:
+    unet = build_tiny_unet()
+    stages = {
+        layer.name.split(".attentions")[0]: layer.stage
+        for layer in select_layers(unet, GateConfig(stage="all"))
+    }
+    assert stages == {
+        "down_blocks.1": "high",
+        "down_blocks.2": "mid",
+        "up_blocks.0": "mid",
+        "up_blocks.1": "high",
+        "mid_block": "low",
+    }
+    mid_enc = select_layers(unet, GateConfig(stage="mid", placement="encoder"))
+    assert {layer.name.split(".")[0] for layer in mid_enc} == {"down_blocks"}
+    dec = select_layers(unet, GateConfig(stage="all", placement="decoder"))
+    assert all(layer.name.startswith("up_blocks") for layer in dec)
+    with pytest.raises(ValueError, match="mid block"):
+        select_layers(unet, GateConfig(stage="low", placement="encoder"))
+
+
+def test_share_heads_per_stage_or_per_layer() -> None:
+    shared = install_gates(build_tiny_unet(), GateConfig(stage="all", share_heads=True))
+    assert sorted(shared.heads) == ["high_64", "low_128", "mid_128"]
+    separate = install_gates(build_tiny_unet(), GateConfig(stage="mid", share_heads=False))
+    assert len(separate.heads) == len(separate.layers) == 10
+
+
+def test_sd15_placement_and_no_cross_attention_error() -> None:
+    unet = build_tiny_sd15_unet()
+    layers = select_layers(unet, GateConfig(stage="high"))
+    assert {layer.name.split(".attentions")[0] for layer in layers} == {
+        "down_blocks.0",
+        "up_blocks.3",
+    }
+    plain = copy.deepcopy(unet)
+    for name, module in list(plain.named_modules()):
+        if name.endswith("attn2"):
+            module.is_cross_attention = False
+    with pytest.raises(ValueError, match="no cross-attention"):
+        select_layers(plain, GateConfig())
+
+
+def test_double_install_is_refused() -> None:
+    unet = build_tiny_unet()
+    install_gates(unet, GateConfig())
+    with pytest.raises(ValueError, match="already installed"):
+        install_gates(unet, GateConfig())
