@@ -283,7 +283,7 @@ def learn_merges(corpus: list[str], num_merges: int) -> list[tuple[str, str]]:
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for symbols, count in words.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in zip(symbols, symbols[1:], strict=False):
                 pairs[pair] += count
         if not pairs:
             break
