@@ -128,7 +128,8 @@ def _axes_for(component: str, name: str, manifest_shape: Sequence[Any] | None) -
             raise UserError(f"{component} input {name!r}: unknown shape; re-export with a manifest")
         return list(template)
     if template is None or len(template) != len(manifest_shape):
-        if all(isinstance(d, int) for d in manifest_shape):
+        # Inputs outside the spec: static dims, or dims named with the recipe's symbols.
+        if all((isinstance(d, int) and d > 0) or d in _SYMBOLS for d in manifest_shape):
             return list(manifest_shape)
         raise UserError(
             f"{component} input {name!r} has shape {list(manifest_shape)} that maskattn-deploy "

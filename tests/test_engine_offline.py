@@ -1,0 +1,332 @@
+"""Engine building logic that runs without TensorRT, and the TensorRT tests that need it.
+
+Offline: optimization profiles from the recipes, engine-manifest refusals, build planning on a
+fake export folder, and the fail-fast CLI. The ``tensorrt``-marked tests at the bottom really
+build and run engines; they skip with the reason on machines without TensorRT and a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from _trt import requires_tensorrt
+from onnx import TensorProto, helper
+
+from maskattn_deploy.engine.cuda_check import missing_for_tensorrt
+from maskattn_deploy.engine.manifest import (
+    ENGINE_FORMAT,
+    EngineMismatchError,
+    check_engine_manifest,
+    current_environment,
+    make_engine_manifest,
+    read_engine_manifest,
+)
+from maskattn_deploy.engine.profiles import component_profiles, recipe_ranges
+from maskattn_deploy.errors import UserError
+from maskattn_deploy.ops.contract import PLUGIN_NAME, PLUGIN_NAMESPACE
+from maskattn_deploy.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- profiles
+
+
+def test_sdxl_profiles_static_1024_and_dynamic_768_1024() -> None:
+    recipe = load_recipe("export", "sdxl-1024")
+    static, dynamic = component_profiles(recipe, "unet")
+    assert (static.name, dynamic.name) == ("static-1024", "dynamic-768-1024")
+    sample = static.shapes["sample"]
+    assert sample.min == sample.opt == sample.max == (2, 4, 128, 128)  # 1024 px / 8
+    d = dynamic.shapes["sample"]
+    assert (d.min, d.opt, d.max) == ((2, 4, 96, 96), (2, 4, 128, 128), (4, 4, 128, 128))
+    ehs = dynamic.shapes["encoder_hidden_states"]
+    assert (ehs.min, ehs.max) == ((2, 77, 2048), (4, 77, 2048))
+    assert dynamic.shapes["time_ids"].max == (4, 6)
+    assert dynamic.shapes["timestep"].max == (4,)
+
+
+def test_tiny_profiles_with_widths_from_the_manifest() -> None:
+    recipe = load_recipe("export", "tiny")
+    inputs = [
+        {"name": "sample", "dtype": "float32", "shape": ["B", 4, "H", "W"]},
+        {"name": "timestep", "dtype": "float32", "shape": ["B"]},
+        {"name": "encoder_hidden_states", "dtype": "float32", "shape": ["B", "T", 64]},
+        {"name": "text_embeds", "dtype": "float32", "shape": ["B", 32]},
+        {"name": "time_ids", "dtype": "float32", "shape": ["B", 6]},
+    ]
+    static, dynamic = component_profiles(recipe, "unet", inputs)
+    assert static.shapes["sample"].opt == (2, 4, 32, 32)  # 256 px / 8
+    assert dynamic.shapes["sample"].min == (1, 4, 16, 16) and dynamic.shapes["sample"].max == (
+        4,
+        4,
+        48,
+        48,
+    )
+    assert dynamic.shapes["encoder_hidden_states"].opt == (2, 77, 64)
+    assert dynamic.shapes["text_embeds"].max == (4, 32)
+
+
+def test_vae_and_text_encoder_profiles() -> None:
+    recipe = load_recipe("export", "sdxl-1024")
+    vae = component_profiles(recipe, "vae_decoder")[1].shapes["latent_sample"]
+    assert (vae.min, vae.max) == ((1, 4, 96, 96), (4, 4, 128, 128))  # images, not CFG rows
+    enc = component_profiles(recipe, "vae_encoder")[0].shapes["sample"]
+    assert enc.opt == (1, 3, 1024, 1024)
+    ids = component_profiles(recipe, "text_encoder")[0].shapes["input_ids"]
+    assert ids.min == ids.max == (2, 77)
+
+
+def test_static_export_dims_must_match_the_profile() -> None:
+    recipe = load_recipe("export", "sdxl-1024")
+    inputs = [{"name": "latent_sample", "dtype": "float16", "shape": ["B", 4, 128, 128]}]
+    with pytest.raises(UserError, match="fixes axis h to 128"):
+        component_profiles(recipe, "vae_decoder", inputs)  # dynamic 768-1024 profile
+    only_static = {**recipe, "profiles": [recipe["profiles"][0]]}
+    assert component_profiles(only_static, "vae_decoder", inputs)[0].shapes[
+        "latent_sample"
+    ].max == (2, 4, 128, 128)
+
+
+def test_bad_recipe_profiles_are_refused() -> None:
+    with pytest.raises(UserError, match="multiples of 8"):
+        recipe_ranges({"profiles": [{"name": "odd", "batch": 1, "height": 1020, "width": 1024}]})
+    with pytest.raises(UserError, match="min <= opt <= max"):
+        recipe_ranges(
+            {"profiles": [{"name": "inv", "batch": [4, 2, 1], "height": 1024, "width": 1024}]}
+        )
+
+
+# ---------------------------------------------------------------- engine manifests
+
+HERE = current_environment("10.13.3.9", "NVIDIA H100 80GB HBM3", (9, 0))
+
+
+def _manifest(**over) -> dict:
+    base = make_engine_manifest(
+        "unet", HERE, "unet/model.onnx", "a" * 64, [], {"id": "maskattn::MaskedSoftmax", "version": "1"},
+        12.0, {"workspace_gib": 4},
+    )  # fmt: skip
+    base.update(over)
+    return base
+
+
+def test_matching_engine_is_accepted() -> None:
+    check_engine_manifest(_manifest(), HERE, onnx_sha256="a" * 64)
+    assert _manifest()["format"] == ENGINE_FORMAT
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"tensorrt_version": "11.4.0.106"}, "TensorRT 11.4.0.106"),
+        (
+            {"compute_capability": "8.0", "gpu_name": "NVIDIA A100-SXM4-80GB"},
+            "compute capability 8.0",
+        ),
+        ({"gpu_name": "NVIDIA H100 PCIe"}, "GPU NVIDIA H100 PCIe"),
+    ],
+)
+def test_engine_for_other_machine_is_refused(override: dict, needle: str) -> None:
+    with pytest.raises(EngineMismatchError) as info:
+        check_engine_manifest(_manifest(**override), HERE, export_dir="out/sdxl-onnx")
+    message = str(info.value)
+    assert needle in message
+    assert "rebuild with maskattn-deploy build out/sdxl-onnx" in message
+
+
+def test_engine_from_other_onnx_is_refused() -> None:
+    with pytest.raises(
+        EngineMismatchError, match=r"another ONNX file.*rebuild with maskattn-deploy build"
+    ):
+        check_engine_manifest(_manifest(), HERE, onnx_sha256="b" * 64)
+
+
+def test_missing_engine_manifest_asks_for_rebuild(tmp_path: Path) -> None:
+    (tmp_path / "unet.engine").write_bytes(b"\0")
+    with pytest.raises(EngineMismatchError, match="rebuild with maskattn-deploy build"):
+        read_engine_manifest(tmp_path / "unet.engine")
+
+
+# ---------------------------------------------------------------- build planning (no TensorRT)
+
+
+def _masked_softmax_onnx(path: Path, t: int = 77, dtype: int = TensorProto.FLOAT) -> None:
+    """A one-node graph with the custom node as the exporter writes it for TensorRT."""
+    node = helper.make_node(
+        PLUGIN_NAME, ["S", "G"], ["P"], domain=PLUGIN_NAMESPACE,
+        plugin_namespace=PLUGIN_NAMESPACE, aot=1, threshold=0.0,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "masked_softmax",
+        [helper.make_tensor_value_info("S", dtype, ["B", 2, 1024, t]),
+         helper.make_tensor_value_info("G", TensorProto.FLOAT, ["B", 1, 1024, t])],
+        [helper.make_tensor_value_info("P", dtype, ["B", 2, 1024, t])],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(PLUGIN_NAMESPACE, 1)]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+def _fake_export(root: Path) -> Path:
+    """An export folder with one small 'unet' ONNX holding the plugin node."""
+    _masked_softmax_onnx(root / "unet" / "model.onnx")
+    recipe = load_recipe("export", "tiny")
+    manifest = {
+        "format": "maskattn-deploy-export/1", "precision": "fp32", "opset": 18, "recipe": recipe,
+        "components": {"unet": {"path": "unet/model.onnx", "inputs": [
+            {"name": "S", "dtype": "float32", "shape": ["B", 2, 1024, 77]},
+            {"name": "G", "dtype": "float32", "shape": ["B", 1, 1024, 77]}]}},
+        "files": {},
+    }  # fmt: skip
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_plan_builds_on_a_fake_export(tmp_path: Path) -> None:
+    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest, resolve_recipe
+
+    export = _fake_export(tmp_path / "exp")
+    manifest = read_export_manifest(export)
+    recipe = resolve_recipe(None, manifest)
+    (job,) = plan_builds(export, manifest, recipe)
+    assert job.engine_path == export / "engines" / "unet.engine"
+    assert job.timing_cache == export / "engines" / "timing.cache"
+    assert job.workspace_bytes == 2 << 30 and job.opt_level == 3  # tiny.toml [engine]
+    assert job.uses_plugin
+    assert len(job.onnx_sha256) == 64
+    dyn = job.profiles[1].shapes["S"]  # tiny dynamic-128-384: batch 1-2-4, other dims static
+    assert (dyn.min, dyn.opt, dyn.max) == ((1, 2, 1024, 77), (2, 2, 1024, 77), (4, 2, 1024, 77))
+    (job2,) = plan_builds(
+        export, manifest, recipe, workspace_gib=0.5, opt_level=5, timing_cache=tmp_path / "tc"
+    )
+    assert (job2.workspace_bytes, job2.opt_level, job2.timing_cache) == (
+        1 << 29,
+        5,
+        tmp_path / "tc",
+    )
+    with pytest.raises(UserError, match="unknown component"):
+        plan_builds(export, manifest, recipe, components=["vae_decoder"])
+
+
+def test_not_an_export_folder(tmp_path: Path) -> None:
+    from maskattn_deploy.engine.builder import read_export_manifest
+
+    with pytest.raises(UserError, match="maskattn-deploy export"):
+        read_export_manifest(tmp_path)
+
+
+# ---------------------------------------------------------------- fail fast without TensorRT
+
+needs_no_trt = pytest.mark.skipif(
+    missing_for_tensorrt() is None, reason="TensorRT and a GPU are present here"
+)
+
+
+@needs_no_trt
+def test_build_cli_fails_fast_with_one_line(tmp_path: Path) -> None:
+    export = _fake_export(tmp_path / "exp")
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "maskattn_deploy.cli.main", "build", str(export), "--recipe", "tiny"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2
+    assert elapsed < 5.0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: ") and "TensorRT" in lines[0] and "pip install" in lines[0]
+    assert not (export / "engines").exists()
+
+
+@needs_no_trt
+def test_export_hook_skips_with_the_reason(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from maskattn_deploy.engine.builder import maybe_build_after_export
+
+    export = _fake_export(tmp_path / "exp")
+    with caplog.at_level("WARNING"):
+        assert maybe_build_after_export(export, "tiny", no_engine=False) is None
+        assert maybe_build_after_export(export, "tiny", no_engine=True) is None
+    text = caplog.text
+    assert (
+        "TensorRT" in text and f"maskattn-deploy build {export}" in text and "--no-engine" in text
+    )
+
+
+# ---------------------------------------------------------------- needs TensorRT + GPU
+
+
+@pytest.mark.tensorrt
+@requires_tensorrt
+@pytest.mark.parametrize("dtype", [TensorProto.FLOAT, TensorProto.FLOAT16])
+def test_plugin_engine_matches_reference(tmp_path: Path, dtype: int) -> None:
+    from maskattn_deploy.engine.builder import build_engines
+    from maskattn_deploy.engine.runner import TrtRunner
+    from maskattn_deploy.ops.reference import masked_softmax_reference
+
+    export = _fake_export(tmp_path / "exp")
+    _masked_softmax_onnx(export / "unet" / "model.onnx", dtype=dtype)
+    (engine,) = build_engines(export, recipe="tiny")
+    gen = torch.Generator().manual_seed(0)
+    torch_dtype = torch.float32 if dtype == TensorProto.FLOAT else torch.float16
+    S = (torch.randn(2, 2, 1024, 77, generator=gen) * 3).to(torch_dtype)
+    G = torch.randn(2, 1, 1024, 77, generator=gen) - 0.5
+    G[:, :, :7] = -5.0  # some all-closed rows
+    with TrtRunner(engine, export_dir=export) as runner:
+        got = runner.run({"S": S, "G": G})["P"].cpu()
+    want = masked_softmax_reference(S, G)
+    # Same tolerances as the kernel's interpreter tests (fp32 summation order / fp16 rounding).
+    torch.testing.assert_close(
+        got.float(), want.float(), atol=1e-6 if dtype == TensorProto.FLOAT else 2e-3, rtol=0
+    )
+    assert torch.equal(got == 0, want == 0)
+
+
+@pytest.mark.tensorrt
+@requires_tensorrt
+def test_tiny_export_engine_matches_onnxruntime(tmp_path: Path) -> None:
+    """Build the tiny export's UNet engine and compare it with ONNX Runtime on the same feed."""
+    export = os.environ.get("MASKATTN_TINY_EXPORT")
+    if not export:
+        pytest.skip(
+            "set MASKATTN_TINY_EXPORT to a tiny export folder (maskattn-deploy export --recipe tiny)"
+        )
+    import onnxruntime as ort
+
+    from maskattn_deploy.engine.builder import build_engines
+    from maskattn_deploy.engine.runner import TrtRunner
+
+    export_dir = Path(export)
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    unet = manifest["components"]["unet"]
+    opt = component_profiles(manifest["recipe"], "unet", unet["inputs"])[0]
+    rng = np.random.default_rng(0)
+    feed = {
+        spec["name"]: rng.standard_normal(opt.shapes[spec["name"]].opt).astype(spec["dtype"])
+        for spec in unet["inputs"]
+    }
+    (engine,) = build_engines(export_dir, components=["unet"], out=tmp_path / "engines")
+    with TrtRunner(engine, export_dir=export_dir) as runner:
+        got = runner.run(feed)
+    session = ort.InferenceSession(
+        str(export_dir / unet["path"]), providers=["CPUExecutionProvider"]
+    )
+    want = session.run(None, feed)
+    for name, ref in zip([o["name"] for o in unet["outputs"]], want, strict=True):
+        # fp16 engines vs fp32-accumulating ONNX Runtime CPU: loose, relative to the output scale.
+        scale = float(np.abs(ref).max()) + 1e-6
+        assert float(np.abs(got[name].float().cpu().numpy() - ref).max()) / scale < 2e-2, name

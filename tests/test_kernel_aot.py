@@ -1,0 +1,76 @@
+"""Ahead-of-time compilation of the Triton kernel to PTX for sm_80/86/89/90, without a GPU.
+
+This is what the TensorRT plugin's ``aot_impl`` returns to TensorRT; the parameter list must
+follow the AOT calling convention (input pointers, int32 scalars, output pointer).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+os.environ.setdefault(
+    "TRITON_DEFAULT_FP_FUSION", "1"
+)  # silence Triton 3.9's default-change warning
+if os.environ.get("TRITON_INTERPRET") == "1":  # pragma: no cover
+    pytest.skip(
+        "AOT compilation needs the compiled (not interpreted) kernel", allow_module_level=True
+    )
+
+mst = pytest.importorskip("maskattn_deploy.plugins.masked_softmax_triton")
+
+# The kernel's own arguments: S, G (pointers), n_rows, heads, n_tokens, t (u32), P (pointer).
+USER_PARAMS = ["u64", "u64", "u32", "u32", "u32", "u32", "u64"]
+
+
+def _params(ptx: str, name: str) -> list[str]:
+    entry = re.search(rf"\.entry {name}\((.*?)\)", ptx, re.S)
+    assert entry, "kernel entry missing"
+    return re.findall(r"\.param \.(\w+)", entry.group(1))
+
+
+@pytest.mark.parametrize("arch", [80, 86, 89, 90])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_ptx_for_each_arch(arch: int, dtype: str) -> None:
+    ptx, name, meta = mst.compile_ptx(dtype, arch, block_t=128)
+    assert name == mst.KERNEL_NAME
+    assert f".entry {name}(" in ptx
+    assert re.search(rf"^\.target sm_{arch}a?\b", ptx, re.M), f"no .target sm_{arch}"
+    params = _params(ptx, name)
+    # Triton appends its scratch pointers after the user arguments (unused by this kernel).
+    assert params[: len(USER_PARAMS)] == USER_PARAMS
+    assert all(p == "u64" for p in params[len(USER_PARAMS) :])
+    # fp16 logits are widened to fp32 for the max/exp/sum, fp32 ones need no conversion.
+    assert ("cvt.f32.f16" in ptx) == (dtype == "fp16")
+    assert (meta.block_x, meta.block_t, meta.rows_per_program) == (mst.NUM_WARPS * 32, 128, 16)
+    assert meta.grid_x(30) == 2  # 30 rows at 16 rows per program
+
+
+def test_threshold_is_baked_into_the_ptx() -> None:
+    ptx0, _, _ = mst.compile_ptx("fp32", 90, block_t=128, threshold=0.0)
+    ptx1, _, _ = mst.compile_ptx("fp32", 90, block_t=128, threshold=0.25)
+    assert ptx0 != ptx1
+    assert "0f3E800000" in ptx1  # 0.25 as a PTX float literal
+
+
+def test_ptx_version_can_be_capped_for_older_drivers() -> None:
+    ptx, _, _ = mst.compile_ptx("fp16", 80, block_t=256, ptx_version=84)
+    assert re.search(r"^\.version 8\.4$", ptx, re.M)
+
+
+def test_invalid_requests_are_refused() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        mst.compile_ptx("fp16", 90, block_t=96)
+    with pytest.raises(ValueError, match="dtype"):
+        mst.compile_ptx("bf16", 90, block_t=128)
+    with pytest.raises(ValueError, match="sm_75"):
+        mst.compile_ptx("fp16", 70, block_t=128)
+
+
+@pytest.mark.parametrize(
+    ("t", "block_t", "rows"), [(1, 2, 1024), (77, 128, 16), (154, 256, 8), (231, 256, 8)]
+)
+def test_block_config(t: int, block_t: int, rows: int) -> None:
+    assert mst.block_config(t) == (block_t, rows)
