@@ -15,6 +15,7 @@ UNet to fp16 never casts the gates, which stay fp32 in their :class:`GateSet`.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -93,4 +94,14 @@ class MaskAttnProcessor:
             self.gates.observe(self.layer_name, open_mask(gate_logits.detach(), threshold))
         if self.gates.ste:
             return training_softmax(logits, gate_logits, threshold)
+        if logits.is_cuda:
+            _register_cuda_kernel()
         return masked_softmax_op(logits, gate_logits[:, None], threshold)
+
+
+@functools.cache
+def _register_cuda_kernel() -> bool:
+    """Route the op to the Triton kernel on CUDA (once; False when Triton is absent)."""
+    from maskattn_deploy.plugins.torch_kernel import register
+
+    return register()
