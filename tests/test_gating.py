@@ -64,9 +64,11 @@ def test_forced_open_equals_stock_processor(build, inputs) -> None:
     assert not torch.allclose(masked, stock, atol=1e-3)  # real gates change the output
 
 
-def test_processor_matches_explicit_attention_and_zeros_masked() -> None:
+@pytest.mark.parametrize("impl", ["sdpa", "op"])
+def test_processor_matches_explicit_attention_and_zeros_masked(impl: str) -> None:
     unet = build_tiny_unet()
     gates = install_gates(unet, GateConfig(stage="mid"))
+    gates.attention_impl = impl
     randomize(gates, seed=3)
     name = gates.layers[0]
     attn = unet.get_submodule(name)
@@ -169,6 +171,10 @@ def test_training_mode_forward_equals_inference_forward() -> None:
     feed = sdxl_inputs(unet)
     with torch.no_grad():
         exact = unet(**feed).sample
+        gates.attention_impl = "op"
+        assert torch.allclose(
+            unet(**feed).sample, exact, atol=1e-5
+        )  # op vs SDPA+bias: fp32 rounding
         gates.set_training(True)
         ste = unet(**feed).sample
     assert torch.allclose(exact, ste, atol=1e-5)  # -1e4 bias underflows to exactly 0 in fp32

@@ -8,8 +8,11 @@ attention probabilities explicitly so the gate can restrict the softmax:
     p = masked_softmax(s, g)   [b, h, n, t]  (exact mask at inference, STE when training)
     o = p v                    [b, h, n, d]
 
-Inference calls the ``maskattn::masked_softmax`` custom op: one node in the ONNX export and the
-Triton kernel on CUDA. The processor is a plain object (not an nn.Module) so that casting the
+At inference the masked softmax has two equivalent paths (``GateSet.attention_impl``):
+``op`` calls the ``maskattn::masked_softmax`` custom op (one node in the ONNX export, the Triton
+kernel on CUDA) and is always used while exporting; ``sdpa`` hands the open set to PyTorch's
+fused attention as a -inf bias (fast eager path, the default on the CPU). ``auto`` picks
+``sdpa`` on the CPU and ``op`` on CUDA. The processor is a plain object (not an nn.Module) so that casting the
 UNet to fp16 never casts the gates, which stay fp32 in their :class:`GateSet`.
 """
 
@@ -19,6 +22,7 @@ import functools
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from maskattn_deploy.gating.mask import training_softmax
 from maskattn_deploy.ops.reference import open_mask
@@ -73,12 +77,18 @@ class MaskAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [b, h, n, t]
+        mask = None
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
-            logits = logits + mask.view(batch, attn.heads, -1, mask.shape[-1]).to(logits.dtype)
-        probs = self._probabilities(logits, gate_logits)
-        out = torch.matmul(probs.to(value.dtype), value)  # [b, h, n, d]
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        if self._use_sdpa(query):
+            out = self._sdpa(query, key, value, gate_logits, mask, attn.scale)  # [b, h, n, d]
+        else:
+            logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [b, h, n, t]
+            if mask is not None:
+                logits = logits + mask.to(logits.dtype)
+            probs = self._probabilities(logits, gate_logits)
+            out = torch.matmul(probs.to(value.dtype), value)  # [b, h, n, d]
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -87,6 +97,32 @@ class MaskAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _use_sdpa(self, query: torch.Tensor) -> bool:
+        """SDPA with a -inf bias for eager inference; the custom op for export, CUDA kernel, STE."""
+        impl = self.gates.attention_impl
+        if self.gates.ste or impl == "op" or _exporting():
+            return False
+        return impl == "sdpa" or not query.is_cuda
+
+    def _sdpa(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        gate_logits: torch.Tensor,
+        mask: torch.Tensor | None,
+        attn_scale: float,
+    ) -> torch.Tensor:
+        """Same semantics as the op: closed tokens get exp(-inf) = 0 exactly, rows never empty."""
+        is_open = open_mask(gate_logits, self.gates.threshold)  # [b, n, t]
+        if self.gates.observing:
+            self.gates.observe(self.layer_name, is_open)
+        bias = torch.zeros(is_open.shape, dtype=query.dtype, device=query.device)
+        bias = bias.masked_fill_(~is_open, float("-inf"))[:, None]  # [b, 1, n, t]
+        if mask is not None:
+            bias = bias + mask.to(bias.dtype)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=attn_scale)
 
     def _probabilities(self, logits: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
         threshold = self.gates.threshold
@@ -97,6 +133,12 @@ class MaskAttnProcessor:
         if logits.is_cuda:
             _register_cuda_kernel()
         return masked_softmax_op(logits, gate_logits[:, None], threshold)
+
+
+def _exporting() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    is_exporting = getattr(compiler, "is_exporting", None)
+    return bool(is_exporting and is_exporting()) or torch.onnx.is_in_onnx_export()
 
 
 @functools.cache
