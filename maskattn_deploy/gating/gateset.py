@@ -37,7 +37,7 @@ class GateSet(nn.Module):
         self.threshold = float(config.threshold)
         self.ste = False
         self.observing = False
-        self.attention_impl: str = "auto"  # auto | sdpa | op (see gating/processor.py)
+        self.attention_impl: str = "auto"  # auto | sdpa | op | reference (gating/processor.py)
         self._last_open: dict[str, torch.Tensor] = {}
         self._records: dict[str, list[torch.Tensor]] | None = None
 

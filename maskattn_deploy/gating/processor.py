@@ -12,7 +12,8 @@ At inference the masked softmax has two equivalent paths (``GateSet.attention_im
 ``op`` calls the ``maskattn::masked_softmax`` custom op (one node in the ONNX export, the Triton
 kernel on CUDA) and is always used while exporting; ``sdpa`` hands the open set to PyTorch's
 fused attention as a -inf bias (fast eager path, the default on the CPU). ``auto`` picks
-``sdpa`` on the CPU and ``op`` on CUDA. The processor is a plain object (not an nn.Module) so that casting the
+``sdpa`` on the CPU and ``op`` on CUDA. ``reference`` calls the oracle directly, never the
+kernel (to measure what the kernel changes). The processor is a plain object (not an nn.Module) so that casting the
 UNet to fp16 never casts the gates, which stay fp32 in their :class:`GateSet`.
 """
 
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from maskattn_deploy.gating.mask import training_softmax
-from maskattn_deploy.ops.reference import open_mask
+from maskattn_deploy.ops.reference import masked_softmax_reference, open_mask
 from maskattn_deploy.ops.torch_op import masked_softmax_op
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class MaskAttnProcessor:
     def _use_sdpa(self, query: torch.Tensor) -> bool:
         """SDPA with a -inf bias for eager inference; the custom op for export, CUDA kernel, STE."""
         impl = self.gates.attention_impl
-        if self.gates.ste or impl == "op" or _exporting():
+        if self.gates.ste or impl in ("op", "reference") or _exporting():
             return False
         return impl == "sdpa" or not query.is_cuda
 
@@ -130,6 +131,8 @@ class MaskAttnProcessor:
             self.gates.observe(self.layer_name, open_mask(gate_logits.detach(), threshold))
         if self.gates.ste:
             return training_softmax(logits, gate_logits, threshold)
+        if self.gates.attention_impl == "reference" and not _exporting():
+            return masked_softmax_reference(logits, gate_logits[:, None], threshold)
         if logits.is_cuda:
             _register_cuda_kernel()
         return masked_softmax_op(logits, gate_logits[:, None], threshold)

@@ -1,0 +1,267 @@
+"""The GPU validation run: its CPU dry run, the full-size SDXL builder and the time budget.
+
+The dry run executes the same code as the GPU run at tiny sizes (Triton interpreter in a child
+process, tiny UNet, perf_counter); CI runs it here so the script a lent GPU runs does not rot.
+The SDXL UNet is instantiated on the meta device: the real architecture, no memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from maskattn_deploy.bench import gpu_check
+from maskattn_deploy.bench.sdxl_config import (
+    SDXL_UNET_PARAMETERS,
+    build_sdxl_unet,
+    count_parameters,
+    sdxl_unet_config,
+)
+from maskattn_deploy.cli.main import cli
+
+# Every case of DESIGN section 3, as named by gpu_check.kernel_cases.
+DESIGN_CASES = {
+    "random-t1", "random-t2", "random-t77", "random-t154", "random-t231", "all-open",
+    "all-closed-fallback", "one-open-token", "ties-in-gate", "threshold-0.3", "near-fp16-range",
+    "gate-dtype-of-logits", "rows-7", "rows-odd-t154", "non-finite-logits",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[object, dict, Path]:
+    out = tmp_path_factory.mktemp("gpu-check") / "dry"
+    result = CliRunner().invoke(cli, ["selftest", "--dry-run", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    return result, results, out
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_part(dry_run) -> None:
+    result, results, out = dry_run
+    assert result.exit_code == 0, result.output[-3000:]
+    assert results["schema"] == gpu_check.SCHEMA and results["dry_run"] is True
+    assert results["complete"] is True and results["verdict"]["ok"] is True
+    assert set(results["parts"]) == set(gpu_check.PARTS)
+    for name, part in results["parts"].items():
+        assert part["status"] == "ok", (name, part)
+        assert part["elapsed_s"] >= 0
+    env = results["parts"]["environment"]
+    assert env["device"] == "cpu" and env["versions"]["torch"] == torch.__version__
+    assert env["triton_interpret"] is True  # the kernel really ran in the interpreter child
+    markdown = (out / "results.md").read_text()
+    for heading in ("# MaskAttn GPU check: dry run", "## Kernel", "## UNet step", "## Verdict"):
+        assert heading in markdown
+    assert "[unet] ok" in result.output and "== summary ==" in result.output
+
+
+@pytest.mark.slow
+def test_dry_run_kernel_correctness_all_pass(dry_run) -> None:
+    _, results, _ = dry_run
+    kernel = results["parts"]["kernel"]
+    corr = kernel["correctness"]
+    assert corr["all_pass"] is True and corr["failed"] == []
+    assert {c["case"] for c in corr["cases"]} == DESIGN_CASES
+    assert corr["n_cases"] == 2 * len(DESIGN_CASES)  # every case in fp32 and fp16
+    for case in corr["cases"]:
+        assert all(case["checks"].values()), case
+        assert case["max_abs_diff"] <= gpu_check.ATOL[case["dtype"]]
+    for row in kernel["timing"]:
+        b, h, n, t = row["shape"]
+        elem = 2 if row["dtype"] == "float16" else 4
+        # B = S read + G (fp32) read + P write, the same bytes the copy baseline moves.
+        assert row["bytes"] == 2 * b * h * n * t * elem + b * n * t * 4
+        for impl in ("kernel", "copy", "reference"):
+            assert row[impl]["median_us"] > 0 and row[impl]["min_us"] <= row[impl]["median_us"]
+            assert row[impl]["method"] == "perf_counter"
+        assert row["fraction_of_copy"] == pytest.approx(
+            row["copy"]["median_us"] / row["kernel"]["median_us"]
+        )
+    assert {r["dtype"] for r in kernel["timing"]} == {"float16", "float32"}
+
+
+@pytest.mark.slow
+def test_dry_run_unet_ratios_are_positive(dry_run) -> None:
+    _, results, _ = dry_run
+    unet = results["parts"]["unet"]
+    assert unet["model"] == "tiny" and unet["gated_layers"] == 10  # tiny: 2*2 + 3*2 mid attn2
+    assert unet["kernel_path"].startswith("triton interpreter")
+    variants = unet["variants"]
+    assert set(variants) == {v.name for v in gpu_check.VARIANTS}
+    for name, row in variants.items():
+        if name in gpu_check.DRY_PLAN.left_out:
+            assert row["status"] == "skipped"
+            continue
+        assert row["status"] == "ok", row
+        assert row["median_ms"] > 0 and row["samples"] >= 2 and row["output_finite"]
+        assert row["peak_memory_bytes"] is None  # CUDA only
+    expected = {"eager_sdpa", "eager_reference", "eager_kernel", "compile_kernel"}
+    assert set(unet["ratios"]) == expected
+    for name, ratio in unet["ratios"].items():
+        assert math.isfinite(ratio["ratio_median"]) and ratio["ratio_median"] > 0
+        assert math.isfinite(ratio["ratio_min"]) and ratio["ratio_min"] > 0
+        if name.startswith("eager_"):  # interleaved masked/unmasked pairs (eager paths only)
+            assert math.isfinite(ratio["ratio_paired"]) and ratio["ratio_paired"] > 0
+        else:
+            assert ratio["ratio_paired"] is None
+    assert (
+        results["verdict"]["unet_ratio_eager_kernel"]
+        == unet["ratios"]["eager_kernel"]["ratio_paired"]
+    )
+    # Same gates, three softmax paths: fp32 kernel/SDPA vs the reference op differ by rounding.
+    assert unet["agreement"]["kernel_vs_reference"]["rel_l2"] < 1e-5
+    assert unet["agreement"]["sdpa_vs_reference"]["rel_l2"] < 1e-5
+    assert 0.0 < unet["variants"]["eager_masked_reference"]["open_fraction"]["mid"] < 1.0
+
+
+def test_tiny_budget_skips_later_parts(tmp_path: Path) -> None:
+    out = tmp_path / "tiny-budget"
+    result = CliRunner().invoke(
+        cli, ["selftest", "--dry-run", "--budget-s", "0.5", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output[-3000:]
+    parts = json.loads((out / "results.json").read_text())["parts"]
+    assert parts["environment"]["status"] == "ok"
+    for name in ("kernel", "unet"):
+        assert parts[name]["status"] == "skipped"
+        assert parts[name]["reason"].startswith("budget:"), parts[name]
+    assert "| kernel | skipped |" in (out / "results.md").read_text()
+
+
+def test_budget_reason_names_need_and_remainder() -> None:
+    now = [100.0]
+    budget = gpu_check.Budget(60.0, clock=lambda: now[0])
+    assert budget.skip_reason("kernel", 60.0) is None
+    now[0] += 45.0
+    assert budget.remaining() == pytest.approx(15.0)
+    assert budget.skip_reason("unet", 10.0) is None
+    reason = budget.skip_reason("compile", 20.0)
+    assert reason == "budget: compile needs ~20 s, 15 s of 60 s left"
+    now[0] += 100.0
+    assert "0 s of 60 s left" in budget.skip_reason("unet", 1.0)
+
+
+def test_missing_kernel_module_is_a_skip_reason(monkeypatch) -> None:
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(gpu_check, "KERNEL_MODULE", "maskattn_deploy.plugins.no_such_kernel")
+    module, reason = gpu_check.load_kernel(torch.device("cpu"))
+    assert module is None and "is not importable" in reason
+
+
+def test_gpu_run_without_cuda_names_the_dry_run(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error is for CPU-only machines")
+    from maskattn_deploy.errors import BackendUnavailableError
+
+    result = CliRunner().invoke(cli, ["selftest", "--gpu", "--out", str(tmp_path)])
+    assert isinstance(result.exception, BackendUnavailableError)
+    assert "--dry-run" in str(result.exception)
+    both = CliRunner().invoke(cli, ["selftest", "--gpu", "--dry-run"])
+    assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def test_sdxl_unet_on_meta_is_the_documented_architecture() -> None:
+    from maskattn_deploy.gating import GateConfig, select_layers
+
+    unet = build_sdxl_unet("meta")
+    assert all(p.device.type == "meta" for p in unet.parameters())  # nothing allocated
+    assert count_parameters(unet) == SDXL_UNET_PARAMETERS  # 2,567,463,684 (published)
+    assert round(count_parameters(unet) / 1e9, 2) == 2.57
+    assert [type(b).__name__ for b in unet.down_blocks] == [
+        "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"
+    ]  # fmt: skip
+    assert [type(b).__name__ for b in unet.up_blocks] == [
+        "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"
+    ]  # fmt: skip
+    assert unet.conv_in.in_channels == 4 and unet.conv_in.out_channels == 320
+    assert unet.add_embedding.linear_1.in_features == 2816  # 1280 pooled + 6 x 256 ids
+    for level, (width, depth) in enumerate([(640, 2), (1280, 10)], start=1):
+        transformer = unet.down_blocks[level].attentions[0]
+        assert len(transformer.transformer_blocks) == depth
+        attn2 = transformer.transformer_blocks[0].attn2
+        assert attn2.to_q.in_features == width and attn2.to_k.in_features == 2048
+        assert attn2.heads == width // 64  # 64-wide heads: 10 and 20
+    assert len(unet.mid_block.attentions[0].transformer_blocks) == 10
+    # Default gates (stage mid): every attn2 of down_blocks.2 (2 x 10) and up_blocks.0 (3 x 10).
+    layers = select_layers(unet, GateConfig(stage="mid"))
+    assert len(layers) == 50
+    assert {layer.name.split(".attentions")[0] for layer in layers} == {
+        "down_blocks.2", "up_blocks.0"
+    }  # fmt: skip
+    assert {(layer.latent_dim, layer.text_dim) for layer in layers} == {(1280, 2048)}
+
+
+def test_sdxl_config_matches_diffusers_conversion_of_the_sgm_config() -> None:
+    """diffusers' own LDM->diffusers converter, fed the official sd_xl_base.yaml values."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    network = {
+        "adm_in_channels": 2816, "num_classes": "sequential", "in_channels": 4,
+        "out_channels": 4, "model_channels": 320, "attention_resolutions": [4, 2],
+        "num_res_blocks": 2, "channel_mult": [1, 2, 4], "num_head_channels": 64,
+        "use_linear_in_transformer": True, "transformer_depth": [1, 2, 10], "context_dim": 2048,
+    }  # fmt: skip
+    original = {
+        "model": {
+            "params": {
+                "network_config": {"params": network},
+                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
+            }
+        }
+    }
+    converted = create_unet_diffusers_config_from_ldm(original, {}, image_size=1024)
+    ours = sdxl_unet_config()
+    for key, value in converted.items():
+        mine = ours[key]
+        assert (list(mine) if isinstance(mine, tuple) else mine) == value, key
+
+
+@pytest.mark.slow
+def test_full_size_cfg_step_runs_on_meta(monkeypatch) -> None:
+    """The GPU run's SDXL inputs and gated step, shape-checked on the meta device (no memory)."""
+    from maskattn_deploy.gating import GateConfig, install_gates, processor
+
+    unet = build_sdxl_unet("meta", torch.float16)
+    inputs = gpu_check.unet_inputs(unet, 128, torch.float16, torch.device("meta"), seed=0)
+    seen: list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]] = []
+
+    def spy(logits, gate_logits, threshold=0.0):
+        seen.append((tuple(logits.shape), tuple(gate_logits.shape), logits.dtype))
+        return torch.empty_like(logits)
+
+    monkeypatch.setattr(processor, "masked_softmax_op", spy)
+    gates = install_gates(unet, GateConfig(stage="mid"))
+    gates.attention_impl = "op"
+    with torch.no_grad():
+        out = unet(**inputs, return_dict=False)[0]
+    assert out.shape == (2, 4, 128, 128) and out.dtype == torch.float16
+    # 50 gated layers at 32x32 tokens, 20 heads: the kernel's second timing shape.
+    assert seen == [((2, 20, 1024, 77), (2, 1, 1024, 77), torch.float16)] * 50
+
+
+def test_compile_variants_need_their_pair_to_fit_the_budget() -> None:
+    now = [0.0]
+    ctx = gpu_check.RunContext(
+        config=gpu_check.CheckConfig(), plan=gpu_check.GPU_PLAN, device=torch.device("cpu"),
+        budget=gpu_check.Budget(480.0, clock=lambda: now[0]), recorder=None, timer=None,
+        echo=print,
+    )  # fmt: skip
+    variants = {v.name: v for v in gpu_check.VARIANTS}
+    compile_s = gpu_check.GPU_PLAN.estimate_s["compile"]  # 150 s before anything compiled
+    now[0] = 480.0 - 2 * compile_s + 1  # 299 s left: one compile fits, the pair does not
+    reason = gpu_check._variant_skip(variants["compile_unmasked"], ctx, kernel_ok=True)
+    assert reason == "budget: compile_unmasked needs ~300 s, 299 s of 480 s left"
+    assert gpu_check._variant_skip(variants["eager_masked_kernel"], ctx, kernel_ok=True) is None
+    assert gpu_check._variant_skip(variants["compile_masked_kernel"], ctx, True) is None
+    ctx.compile_s = 300.0  # the first compile took 300 s: the next is expected to take ~330 s
+    reason = gpu_check._variant_skip(variants["compile_masked_kernel"], ctx, True)
+    assert reason == "budget: compile_masked_kernel needs ~330 s, 299 s of 480 s left"
+    ctx.kernel_path = "kernel unavailable: no triton"
+    assert gpu_check._variant_skip(variants["eager_masked_kernel"], ctx, False) == ctx.kernel_path
+    ctx.config = gpu_check.CheckConfig(skip_compile=True)
+    assert gpu_check._variant_skip(variants["compile_masked_sdpa"], ctx, True) == "--skip-compile"
