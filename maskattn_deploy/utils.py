@@ -35,6 +35,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -68,6 +70,7 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
         ) from exc
     try:
         yield tmp
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; use the usual mode
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -78,3 +81,9 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

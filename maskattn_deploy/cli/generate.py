@@ -1,0 +1,180 @@
+"""``maskattn-deploy generate``: prompt in, PNGs out, via ONNX Runtime, TensorRT or PyTorch.
+
+A thin layer: flags -> :class:`~maskattn_deploy.runtime.api.GenerateOptions` ->
+:func:`~maskattn_deploy.runtime.api.run_generate`; prints the files, the timing table and
+writes ``--json``. Heavy imports happen inside the command so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+BACKEND_CHOICES = ("onnxruntime", "torch", "tensorrt")
+SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun")
+
+
+@click.command("generate")
+@click.argument("prompt")
+@click.option(
+    "--negative-prompt",
+    default="",
+    help="What to steer away from (empty: zero embeddings, as SDXL).",
+)
+@click.option(
+    "--backend",
+    default="onnxruntime",
+    show_default=True,
+    help="onnxruntime | torch | tensorrt.",
+)
+@click.option(
+    "--export-dir",
+    type=click.Path(path_type=Path),
+    help="Export folder (maskattn-deploy export). Default for onnxruntime: the tiny model, exported once into the cache.",
+)
+@click.option(
+    "--model",
+    default=None,
+    help="'tiny', a diffusers folder, a .safetensors file or a hub id (torch backend; checked against --export-dir).",
+)
+@click.option(
+    "--gates",
+    type=click.Path(path_type=Path),
+    help="Gate checkpoint (default for tiny: its seeded, untrained gates).",
+)
+@click.option("--no-gates", is_flag=True, help="Run the plain model without MaskAttn gates.")
+@click.option(
+    "--steps", type=int, default=None, help="Denoising steps (default: 8 for tiny, 30 otherwise)."
+)
+@click.option(
+    "--guidance",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Classifier-free guidance scale (<= 1 turns it off).",
+)
+@click.option(
+    "--scheduler", type=click.Choice(SCHEDULER_CHOICES), default="euler", show_default=True
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Same seed, same image on every backend."
+)
+@click.option(
+    "--height",
+    type=int,
+    default=None,
+    help="Pixels, multiple of 8 (default: the model's / export's size).",
+)
+@click.option(
+    "--width",
+    type=int,
+    default=None,
+    help="Pixels, multiple of 8 (default: the model's / export's size).",
+)
+@click.option("--num-images", type=int, default=1, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("out/images"),
+    show_default=True,
+    help="Folder for the PNGs.",
+)
+@click.option(
+    "--save-masks",
+    is_flag=True,
+    help="Also write, per gated stage, a grid of where each prompt token may attend.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    help="Write settings, files and timings as JSON.",
+)
+@click.option(
+    "--warmup", is_flag=True, help="Run a short untimed pass first (steady-state timings)."
+)
+@click.option(
+    "--ort-provider",
+    type=click.Choice(("auto", "cpu", "cuda", "tensorrt")),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu sees a GPU).",
+)
+@click.option(
+    "--cuda-graph",
+    is_flag=True,
+    help="tensorrt: capture the UNet step in a CUDA graph (static shapes).",
+)
+@click.option(
+    "--device", default=None, help="torch backend device (default: cuda when available, else cpu)."
+)
+@click.option("--no-progress", is_flag=True, help="Hide the per-step progress bar.")
+def command(
+    prompt: str,
+    negative_prompt: str,
+    backend: str,
+    export_dir: Path | None,
+    model: str | None,
+    gates: Path | None,
+    no_gates: bool,
+    steps: int | None,
+    guidance: float,
+    scheduler: str,
+    seed: int,
+    height: int | None,
+    width: int | None,
+    num_images: int,
+    out: Path,
+    save_masks: bool,
+    json_path: Path | None,
+    warmup: bool,
+    ort_provider: str,
+    cuda_graph: bool,
+    device: str | None,
+    no_progress: bool,
+) -> None:
+    """Generate images from PROMPT via ONNX Runtime (default), TensorRT or PyTorch.
+
+    With no options it runs the built-in tiny model on the CPU, so it works on a fresh machine.
+    Each PNG carries its settings (prompt, seed, steps, backend, model and gate hashes...) in
+    its metadata.
+    """
+    from maskattn_deploy.runtime.api import GenerateOptions, run_generate
+
+    options = GenerateOptions(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        backend=backend,
+        export_dir=export_dir,
+        model=model,
+        gates=gates,
+        no_gates=no_gates,
+        steps=steps,
+        guidance=guidance,
+        scheduler=scheduler,
+        seed=seed,
+        height=height,
+        width=width,
+        num_images=num_images,
+        out=out,
+        save_masks=save_masks,
+        json_path=json_path,
+        warmup=warmup,
+        ort_provider=ort_provider,
+        cuda_graph=cuda_graph,
+        device=device,
+        progress=not no_progress,
+    )
+    report = run_generate(options, say=lambda line: click.echo(line, err=True))
+    for path in report.images:
+        click.echo(f"wrote {path}")
+    for path in report.mask_grids:
+        click.echo(f"wrote {path}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    parts = ", ".join(f"{name}: {how}" for name, how in report.backend.items())
+    click.echo(f"backend {options.backend} ({parts})")
+    click.echo(report.result.timings.table())
+    if json_path is not None:
+        click.echo(f"wrote {json_path}")

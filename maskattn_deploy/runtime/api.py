@@ -1,0 +1,436 @@
+"""``generate`` as a library call: resolve model, gates, export folder and backend, run, write.
+
+The CLI (:mod:`maskattn_deploy.cli.generate`) only turns flags into :class:`GenerateOptions`
+and prints the :class:`GenerateReport`. Validation happens here, before any heavy work, with
+one-line :class:`~maskattn_deploy.errors.UserError` messages that name the fix.
+
+Defaults make a fresh machine work: the built-in tiny model with its seeded (untrained) gates,
+on ONNX Runtime CPU. Without ``--export-dir`` the tiny model is exported once into
+``cache_root()/exports/<fingerprint>-<gates>-<precision>`` and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maskattn_deploy.errors import UserError
+from maskattn_deploy.runtime.base import Backend, check_backend_name
+from maskattn_deploy.runtime.masks import render_mask_grid
+from maskattn_deploy.runtime.model_info import ExportFolderError, ModelInfo, read_manifest
+from maskattn_deploy.runtime.outputs import next_index, save_png, write_json
+from maskattn_deploy.runtime.pipeline import GenerateConfig, GenerateResult, Pipeline, check_size
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+DEFAULT_STEPS = {"tiny": 8, "other": 30}
+EXPORTS_CACHE = "exports"
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class GenerateOptions:
+    """Everything ``maskattn-deploy generate`` accepts (see the CLI help for each flag)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    backend: str = "onnxruntime"
+    export_dir: Path | None = None
+    model: str | None = None
+    gates: Path | None = None
+    no_gates: bool = False
+    steps: int | None = None
+    guidance: float = 5.0
+    scheduler: str = "euler"
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+    out: Path = Path("out/images")
+    save_masks: bool = False
+    json_path: Path | None = None
+    warmup: bool = False
+    ort_provider: str = "auto"
+    cuda_graph: bool = False
+    device: str | None = None  # torch backend: cpu / cuda (default: cuda when available)
+    progress: bool = True
+
+
+@dataclass
+class GenerateReport:
+    """What one ``generate`` call did and wrote."""
+
+    result: GenerateResult
+    images: list[Path]
+    mask_grids: list[Path]
+    export_dir: Path | None
+    backend: dict[str, str]
+    cache: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        result = self.result
+        return {
+            "settings": result.settings,
+            "images": [str(p) for p in self.images],
+            "mask_grids": [str(p) for p in self.mask_grids],
+            "timings": result.timings.as_dict(),
+            "backend_components": self.backend,
+            "export_dir": str(self.export_dir) if self.export_dir else None,
+            "export_cache": self.cache,
+            "warnings": result.warnings,
+            "notes": self.notes,
+            "tokens": result.token_labels,
+        }
+
+
+# ---------------------------------------------------------------------- resolution helpers
+
+
+def model_fingerprint(spec: str) -> str:
+    """UNet fingerprint of a model spec without loading weights where it can.
+
+    For folders the UNet is built from its config on the meta device (no memory, a fraction
+    of a second), so defaults missing from an older config.json are filled exactly as when the
+    model is loaded; hub ids and single files are loaded.
+    """
+    from maskattn_deploy.models import load_pipeline, unet_fingerprint
+
+    folder = _model_folder(spec)
+    if folder is not None:
+        from diffusers import UNet2DConditionModel
+
+        config = UNet2DConditionModel.load_config(folder / "unet")
+        with torch.device("meta"):
+            return unet_fingerprint(UNet2DConditionModel.from_config(config))
+    return unet_fingerprint(load_pipeline(spec).unet)
+
+
+def _model_folder(spec: str) -> Path | None:
+    if spec == TINY:
+        from maskattn_deploy.models.tiny import tiny_pipeline_dir
+
+        return tiny_pipeline_dir()
+    path = Path(spec)
+    return path if (path / "unet" / "config.json").is_file() else None
+
+
+def resolve_gates(options: GenerateOptions, model: str) -> Path | None:
+    """The gate checkpoint to use with ``model`` (None: run ungated)."""
+    if options.no_gates and options.gates is not None:
+        raise UserError("pass either --gates CKPT or --no-gates, not both")
+    if options.no_gates:
+        return None
+    if options.gates is not None:
+        return Path(options.gates)
+    if model == TINY:
+        from maskattn_deploy.models.tiny import tiny_default_gates_dir
+
+        return tiny_default_gates_dir()
+    raise UserError(
+        f"no gates given for model {model}: pass --gates CKPT (trained with maskattn-deploy "
+        "train) or --no-gates to run the plain model"
+    )
+
+
+def gates_sha256(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    from maskattn_deploy.gating.checkpoint import read_checkpoint
+
+    return read_checkpoint(path).sha256
+
+
+def tiny_export_dir(gates: Path | None, precision: str = "fp32") -> Path:
+    """Cache folder of the tiny export for these gates: fingerprint + gate hash + precision."""
+    from maskattn_deploy.models.tiny import cache_root
+
+    sha = gates_sha256(gates)
+    key = f"{model_fingerprint(TINY)}-{sha[:16] if sha else 'nogates'}-{precision}"
+    return cache_root() / EXPORTS_CACHE / key
+
+
+def ensure_tiny_export(gates: Path | None, say: Say, precision: str = "fp32") -> tuple[Path, dict]:
+    """Export the tiny model once into the cache (reused afterwards); returns (dir, cache info)."""
+    target = tiny_export_dir(gates, precision)
+    if (target / "manifest.json").is_file():
+        return target, {"path": str(target), "created": False}
+    from maskattn_deploy.export import export_pipeline
+
+    say(f"exporting the tiny model to ONNX into {target} (one-time step, reused next time)")
+    start = time.perf_counter()
+    export_pipeline(
+        TINY,
+        gates,
+        target,
+        fp16=precision == "fp16",
+        recipe=TINY,
+        overwrite=True,
+        no_gates=gates is None,
+        progress=lambda line: log.info("export: %s", line),
+    )
+    seconds = time.perf_counter() - start
+    say(f"export done in {seconds:.1f} s")
+    return target, {"path": str(target), "created": True, "seconds": round(seconds, 2)}
+
+
+def check_export_matches(
+    info: ModelInfo, model: str | None, gates: Path | None, no_gates: bool
+) -> None:
+    """Refuse an export made for another model, or with other gates than the ones named."""
+    where = info.export_dir
+    if model is not None:
+        wanted = model_fingerprint(model)
+        if info.unet_fingerprint and wanted != info.unet_fingerprint:
+            raise ExportFolderError(
+                f"export folder {where} was made for UNet {info.unet_fingerprint}, but --model "
+                f"{model} has UNet {wanted}: export this model with maskattn-deploy export, or "
+                "pass the export folder made for it"
+            )
+    if no_gates and info.gates_sha256:
+        raise ExportFolderError(
+            f"export folder {where} has gates built in; for the ungated model export it with "
+            "--no-gates, or use --backend torch --no-gates"
+        )
+    if gates is not None:
+        sha = gates_sha256(gates)
+        if sha != info.gates_sha256:
+            raise ExportFolderError(
+                f"--gates {gates} (sha256 {str(sha)[:12]}) are not the gates in {where} "
+                f"(sha256 {str(info.gates_sha256)[:12]}); re-export with these gates or drop --gates"
+            )
+
+
+def torch_device(requested: str | None) -> torch.device:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(
+                "--device cuda needs a CUDA build of torch and a GPU; this torch sees none"
+            )
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------- backends
+
+
+def torch_pipeline(model: str, gates: Path | None, device: torch.device) -> Pipeline:
+    """The reference pipeline: diffusers modules, gate processors installed unless ``gates`` is None."""
+    from maskattn_deploy.gating.checkpoint import load_gates
+    from maskattn_deploy.models import load_pipeline
+    from maskattn_deploy.runtime.torch_backend import torch_backend
+
+    pipe = load_pipeline(model, device=device)
+    sha = None
+    if gates is not None:
+        gate_set = load_gates(gates, pipe.unet)
+        sha = getattr(gate_set, "checkpoint_sha256", None)
+    return Pipeline(torch_backend(pipe, device), ModelInfo.from_pipe(pipe, model, sha))
+
+
+def export_pipeline_for(options: GenerateOptions, say: Say) -> tuple[Pipeline, dict]:
+    """Pipeline over an export folder (given, or the cached tiny export) on ORT / TensorRT."""
+    cache: dict[str, Any] = {}
+    if options.export_dir is not None:
+        export_dir = Path(options.export_dir)
+        read_manifest(export_dir)
+    else:
+        model = options.model or TINY
+        if model != TINY:
+            raise UserError(
+                f"the {options.backend} backend runs an export folder: run maskattn-deploy "
+                f"export --model {model} --out DIR first, then pass --export-dir DIR"
+            )
+        if options.backend == "tensorrt":
+            raise UserError(
+                "the tensorrt backend runs engines: maskattn-deploy export --model tiny --out DIR, "
+                "maskattn-deploy build DIR, then pass --export-dir DIR"
+            )
+        export_dir, cache = ensure_tiny_export(resolve_gates(options, TINY), say)
+    info = ModelInfo.from_export(export_dir)
+    check_export_matches(info, options.model, options.gates, options.no_gates)
+    backend = _export_backend(options, export_dir, info.manifest)
+    return Pipeline(backend, info), cache
+
+
+def _export_backend(options: GenerateOptions, export_dir: Path, manifest: dict) -> Backend:
+    if options.backend == "tensorrt":
+        from maskattn_deploy.runtime.trt_backend import trt_backend
+
+        return trt_backend(export_dir, manifest, cuda_graph=options.cuda_graph)
+    from maskattn_deploy.runtime.ort_backend import ort_backend
+
+    return ort_backend(export_dir, manifest, options.ort_provider)
+
+
+def build_pipeline(options: GenerateOptions, say: Say) -> tuple[Pipeline, dict]:
+    """The pipeline for ``options`` (and export-cache facts), after early validation."""
+    check_backend_name(options.backend)
+    if options.backend == "tensorrt":
+        from maskattn_deploy.engine.cuda_check import require_tensorrt_and_gpu
+
+        require_tensorrt_and_gpu()
+    if options.backend != "torch":
+        return export_pipeline_for(options, say)
+    model = options.model
+    if model is None and options.export_dir is not None:
+        model = (read_manifest(options.export_dir).get("model") or {}).get("spec")
+        if not model:
+            raise UserError(f"{options.export_dir} records no model spec: pass --model")
+    model = model or TINY
+    gates = resolve_gates(options, model)
+    pipeline = torch_pipeline(model, gates, torch_device(options.device))
+    if options.export_dir is not None:
+        info = ModelInfo.from_export(options.export_dir)
+        if info.unet_fingerprint and info.unet_fingerprint != pipeline.info.unet_fingerprint:
+            raise ExportFolderError(
+                f"export folder {options.export_dir} was made for UNet {info.unet_fingerprint}, "
+                f"but model {model} has UNet {pipeline.info.unet_fingerprint}"
+            )
+    return pipeline, {}
+
+
+# ---------------------------------------------------------------------- masks
+
+
+def export_gates_path(options: GenerateOptions, info: ModelInfo) -> Path | None:
+    """The gate checkpoint an export was made with: --gates, EXPORT_DIR/gates, the recorded
+    path, or the tiny model's seeded gates; only one whose hash matches the export counts."""
+    candidates: list[Path] = []
+    if options.gates is not None:
+        candidates.append(Path(options.gates))
+    if info.export_dir is not None:
+        candidates.append(info.export_dir / "gates")
+        recorded = info.manifest.get("gates")
+        if isinstance(recorded, dict):
+            for key in ("path", "dir", "source"):
+                if recorded.get(key):
+                    path = Path(recorded[key])
+                    candidates.append(path if path.is_absolute() else info.export_dir / path)
+    if (options.model or info.model_spec or TINY) == TINY:
+        from maskattn_deploy.models.tiny import tiny_default_gates_dir
+
+        candidates.append(tiny_default_gates_dir())
+    for path in candidates:
+        if path.exists() and gates_sha256(path) == info.gates_sha256:
+            return path
+    return None
+
+
+def reference_masks(
+    options: GenerateOptions, pipeline: Pipeline, result: GenerateResult, gates: Path
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Masks of an ORT/TensorRT run, recorded by a torch reference pass with the same seed.
+
+    Gate logits depend only on the hidden states entering each attn2 and the text embeddings,
+    so a torch pass that follows the same latents records the masks the exported graph applied.
+    The note returned says how far the two runs' final latents are apart.
+    """
+    model = options.model or pipeline.info.model_spec or TINY
+    reference = torch_pipeline(model, gates, torch_device(options.device))
+    ref = reference.generate(result.config, progress=False, record_masks=True)
+    diff = float((ref.latents - result.latents).abs().max())
+    note = (
+        "masks were recorded by a torch reference pass with the same seed and settings "
+        f"(final latents max |difference| vs {pipeline.backend.name}: {diff:.2e})"
+    )
+    return ref.masks or {}, note
+
+
+def mask_gates_for(options: GenerateOptions, pipeline: Pipeline) -> Path | None:
+    """For --save-masks on an export: the checkpoint to record masks with (checked up front)."""
+    if not options.save_masks or options.backend == "torch":
+        return None
+    if not pipeline.info.gates_sha256:
+        raise UserError(
+            f"--save-masks: the export {pipeline.info.export_dir} has no gates, so there are "
+            "no masks to draw"
+        )
+    gates = export_gates_path(options, pipeline.info)
+    if gates is None:
+        raise UserError(
+            "--save-masks on this export needs the gate checkpoint it was exported with "
+            "(none found beside the export): pass --gates CKPT"
+        )
+    return gates
+
+
+def write_mask_grids(
+    result: GenerateResult, masks: dict[str, torch.Tensor], stems: list[Path]
+) -> list[Path]:
+    """One grid PNG per (image, stage) beside each image: ``<stem>.masks-<stage>.png``."""
+    written = []
+    labels = result.token_labels
+    for index, stem in enumerate(stems):
+        for stage, fractions in masks.items():
+            title = f"stage {stage}: where each token may be attended (bright = open)"
+            grid = render_mask_grid(
+                fractions[index, : len(labels)], labels, result.images[index], title
+            )
+            path = stem.with_name(f"{stem.stem}.masks-{stage}.png")
+            written.append(save_png(grid, path, {"stage": stage, **result.settings}))
+    return written
+
+
+# ---------------------------------------------------------------------- entry point
+
+
+def early_checks(options: GenerateOptions) -> None:
+    """Cheap validation before anything is loaded."""
+    check_backend_name(options.backend)
+    if not options.prompt or not options.prompt.strip():
+        raise UserError("the prompt is empty; pass a text prompt, e.g. 'a red square'")
+    for name, value in (("height", options.height), ("width", options.width)):
+        if value is not None:
+            check_size(name, value, None)
+    if options.no_gates and options.gates is not None:
+        raise UserError("pass either --gates CKPT or --no-gates, not both")
+    if options.no_gates and options.save_masks:
+        raise UserError("--save-masks draws the gate masks, so it cannot be used with --no-gates")
+
+
+def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
+    """Generate, write PNGs (+ mask grids, + JSON) and return the report."""
+    early_checks(options)
+    pipeline, cache = build_pipeline(options, say)
+    steps = options.steps or DEFAULT_STEPS[TINY if pipeline.info.model_spec == TINY else "other"]
+    config = GenerateConfig(
+        prompt=options.prompt,
+        negative_prompt=options.negative_prompt,
+        steps=steps,
+        guidance=options.guidance,
+        scheduler=options.scheduler,
+        seed=options.seed,
+        height=options.height,
+        width=options.width,
+        num_images=options.num_images,
+    )
+    record = options.save_masks and options.backend == "torch"
+    mask_gates = mask_gates_for(options, pipeline)
+    with pipeline.backend:
+        result = pipeline.generate(config, options.progress, record, options.warmup)
+        described = pipeline.backend.describe()
+    notes = []
+    masks = result.masks
+    if mask_gates is not None:
+        masks, note = reference_masks(options, pipeline, result, mask_gates)
+        notes.append(note)
+    out = Path(options.out)
+    first = next_index(out) if out.is_dir() else 0
+    paths = []
+    for i, image in enumerate(result.images):
+        settings = {**result.settings, "image_index": i}
+        paths.append(save_png(image, out / f"{first:05d}-s{options.seed}-{i}.png", settings))
+    grids = write_mask_grids(result, masks, paths) if options.save_masks and masks else []
+    report = GenerateReport(result, paths, grids, pipeline.info.export_dir, described, cache, notes)
+    if options.json_path is not None:
+        write_json(options.json_path, report.as_json())
+    return report

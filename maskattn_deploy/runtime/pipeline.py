@@ -1,0 +1,410 @@
+"""The served SDXL pipeline: prompt in, latents and images out, on any backend.
+
+It does what ``diffusers.StableDiffusionXLPipeline`` does for text-to-image, step for step, but
+calls every network through a :class:`~maskattn_deploy.runtime.base.Backend` with the export's
+component contract:
+
+1. both CLIP tokenizers (77 tokens; longer prompts are truncated with a warning naming how many
+   tokens were dropped) and both text encoders (penultimate hidden states, concatenated; the
+   second encoder's pooled projection);
+2. classifier-free guidance with the negative prompt; an empty negative prompt becomes zero
+   embeddings when the model sets ``force_zeros_for_empty_prompt`` (SDXL base does);
+3. SDXL micro-conditioning: ``time_ids = (h, w, 0, 0, h, w)`` for both CFG halves;
+4. initial latents drawn on the CPU from ``torch.Generator('cpu').manual_seed(seed)`` (the same
+   generator then feeds ancestral samplers), so every backend starts from the same noise;
+5. a diffusers scheduler (:mod:`~maskattn_deploy.runtime.schedulers`), the UNet on the backend,
+   the fp32 VAE decoder and diffusers' image post-processing.
+
+Per-stage wall-clock timings are measured with the backend synchronised at stage boundaries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from maskattn_deploy.errors import UserError
+from maskattn_deploy.runtime.base import Backend
+from maskattn_deploy.runtime.masks import MaskAccumulator, token_labels
+from maskattn_deploy.runtime.model_info import LATENT_FACTOR, ModelInfo
+from maskattn_deploy.runtime.schedulers import SCHEDULERS, make_scheduler
+
+log = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """One generation request (sizes in pixels; None means the model's default size)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 8
+    guidance: float = 5.0
+    scheduler: str = "euler"
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance > 1.0
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage of one generation."""
+
+    text_encoders_s: float = 0.0
+    unet_steps_s: list[float] = field(default_factory=list)
+    vae_s: float = 0.0
+    total_s: float = 0.0
+    warmup_s: float | None = None
+
+    @property
+    def unet_total_s(self) -> float:
+        return sum(self.unet_steps_s)
+
+    @property
+    def unet_per_step_s(self) -> float:
+        return self.unet_total_s / max(len(self.unet_steps_s), 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["unet_total_s"] = self.unet_total_s
+        data["unet_per_step_s"] = self.unet_per_step_s
+        return data
+
+    def table(self) -> str:
+        """A short aligned table (milliseconds) for the terminal."""
+        rows = [
+            ("text encoders", self.text_encoders_s),
+            (f"UNet total ({len(self.unet_steps_s)} steps)", self.unet_total_s),
+            ("UNet per step", self.unet_per_step_s),
+            ("VAE decode", self.vae_s),
+            ("end to end", self.total_s),
+        ]
+        if self.warmup_s is not None:
+            rows.append(("warm-up run (not counted)", self.warmup_s))
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{'stage':<{width}}  {'ms':>10}"]
+        lines += [f"{name:<{width}}  {seconds * 1e3:>10.1f}" for name, seconds in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class GenerateResult:
+    """Everything one generation produced."""
+
+    config: GenerateConfig
+    images: list[Any]  # PIL images
+    latents: torch.Tensor  # final latents [N, 4, h, w], fp32, CPU (before VAE scaling)
+    initial_latents: torch.Tensor  # the seeded noise [N, 4, h, w], fp32, CPU (unscaled)
+    pixels: torch.Tensor  # VAE output [N, 3, H, W] in [-1, 1], fp32, CPU
+    timings: Timings
+    settings: dict[str, Any]
+    token_labels: list[str]
+    masks: dict[str, torch.Tensor] | None = None  # stage -> [N, t, h, w] open fractions
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Conditioning:
+    embeds: torch.Tensor  # [rows, 77, E]
+    pooled: torch.Tensor  # [rows, P]
+    time_ids: torch.Tensor  # [rows, 6]
+    prompt_ids: list[int]
+
+
+class Pipeline:
+    """SDXL text-to-image over a backend; see the module docstring for the steps."""
+
+    def __init__(self, backend: Backend, info: ModelInfo) -> None:
+        self.backend = backend
+        self.info = info
+
+    # ------------------------------------------------------------------ checks
+
+    def resolve(self, config: GenerateConfig) -> GenerateConfig:
+        """Fill default sizes and refuse what cannot run, with one-line errors."""
+        if not config.prompt or not config.prompt.strip():
+            raise UserError("the prompt is empty; pass a text prompt, e.g. 'a red square'")
+        if config.scheduler not in SCHEDULERS:
+            raise UserError(
+                f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
+            )
+        if config.steps < 1 or config.num_images < 1:
+            raise UserError("--steps and --num-images must be at least 1")
+        if config.guidance < 0:
+            raise UserError("--guidance must be >= 0 (values <= 1 turn guidance off)")
+        height = config.height or self.info.default_size[0]
+        width = config.width or self.info.default_size[1]
+        for name, value, allowed in (
+            ("height", height, self.info.height_range),
+            ("width", width, self.info.width_range),
+        ):
+            check_size(name, value, allowed)
+        rows = config.num_images * (2 if config.do_cfg else 1)
+        if (
+            self.info.batch_range
+            and not self.info.batch_range[0] <= rows <= self.info.batch_range[1]
+        ):
+            low, high = self.info.batch_range
+            raise UserError(
+                f"{config.num_images} image(s){' with guidance' if config.do_cfg else ''} need "
+                f"UNet batch {rows}, but the export accepts batch {low}..{high}; lower "
+                "--num-images or re-export with a recipe that allows a larger batch"
+            )
+        return replace(config, height=height, width=width)
+
+    # ------------------------------------------------------------------ stages
+
+    def _tokenize(self, tokenizer: Any, text: str, what: str, warn: list[str]) -> torch.Tensor:
+        limit = tokenizer.model_max_length
+        full = tokenizer(text, truncation=False, verbose=False).input_ids
+        dropped = len(full) - limit
+        if dropped > 0:
+            message = (
+                f"the {what} has {len(full)} tokens but CLIP reads {limit} (start and end "
+                f"included): the last {dropped} token(s) were dropped"
+            )
+            if message not in warn:
+                log.warning(message)
+                warn.append(message)
+        ids = tokenizer(
+            text, padding="max_length", max_length=limit, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids.to(torch.long)  # [1, 77]
+
+    def _encode(
+        self, text: str, what: str, warn: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """[1, 77, E1+E2] penultimate hidden states of both encoders, [1, P] pooled, the ids."""
+        ids_1 = self._tokenize(self.info.tokenizer, text, what, warn)
+        ids_2 = self._tokenize(self.info.tokenizer_2, text, what, warn)
+        out_1 = self.backend.run("text_encoder", {"input_ids": ids_1})
+        out_2 = self.backend.run("text_encoder_2", {"input_ids": ids_2})
+        device = self.backend.device
+        hidden = torch.cat(
+            [out_1["hidden_states"].to(device).float(), out_2["hidden_states"].to(device).float()],
+            dim=-1,
+        )
+        return hidden, out_2["text_embeds"].to(device).float(), ids_1[0].tolist()
+
+    def _condition(self, config: GenerateConfig, warn: list[str]) -> _Conditioning:
+        embeds, pooled, ids = self._encode(config.prompt, "prompt", warn)
+        n = config.num_images
+        embeds, pooled = embeds.repeat(n, 1, 1), pooled.repeat(n, 1)
+        time_ids = torch.tensor(
+            [[config.height, config.width, 0, 0, config.height, config.width]],
+            dtype=torch.float32,
+            device=self.backend.device,
+        ).repeat(n, 1)
+        if config.do_cfg:
+            negative = config.negative_prompt or ""
+            if not negative.strip() and self.info.force_zeros_for_empty_prompt:
+                neg_embeds, neg_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+            else:
+                neg_embeds, neg_pooled, _ = self._encode(negative, "negative prompt", warn)
+                neg_embeds, neg_pooled = neg_embeds.repeat(n, 1, 1), neg_pooled.repeat(n, 1)
+            embeds = torch.cat([neg_embeds, embeds])
+            pooled = torch.cat([neg_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        return _Conditioning(embeds, pooled, time_ids, ids)
+
+    def initial_latents(self, config: GenerateConfig) -> tuple[torch.Tensor, torch.Generator]:
+        """The seeded noise (CPU, fp32, unscaled) and the generator, advanced past it."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        generator = torch.Generator("cpu").manual_seed(config.seed)
+        shape = (
+            config.num_images,
+            LATENT_CHANNELS,
+            config.height // LATENT_FACTOR,
+            config.width // LATENT_FACTOR,
+        )
+        noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"))
+        return noise.float(), generator
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        info = self.info
+        if info.vae_latents_mean is not None and info.vae_latents_std is not None:
+            mean = torch.tensor(info.vae_latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(info.vae_latents_std).view(1, -1, 1, 1).to(latents)
+            scaled = latents * std / info.vae_scaling_factor + mean
+        else:
+            scaled = latents / info.vae_scaling_factor
+        out = self.backend.run("vae_decoder", {"latent_sample": scaled})["sample"]
+        return out.float().cpu()
+
+    # ------------------------------------------------------------------ run
+
+    def generate(
+        self,
+        config: GenerateConfig,
+        progress: bool = True,
+        record_masks: bool = False,
+        warmup: bool = False,
+    ) -> GenerateResult:
+        """Run one generation; ``warmup`` first runs a 2-step pass with the same shapes."""
+        config = self.resolve(config)
+        warmup_s = None
+        if warmup:
+            start = time.perf_counter()
+            self._run(replace(config, steps=min(config.steps, 2)), False, False)
+            warmup_s = time.perf_counter() - start
+        result = self._run(config, progress, record_masks)
+        result.timings.warmup_s = warmup_s
+        return result
+
+    def _mask_context(self, record: bool) -> contextlib.AbstractContextManager[Any]:
+        gates = getattr(self.backend, "gates", None)
+        if not record:
+            return contextlib.nullcontext(None)
+        if gates is None:
+            raise UserError(
+                "masks can only be recorded on the torch backend with gates installed "
+                "(drop --no-gates, or record them with a torch reference pass)"
+            )
+        return gates.recording()
+
+    def _run(self, config: GenerateConfig, progress: bool, record_masks: bool) -> GenerateResult:
+        warn: list[str] = []
+        timings = Timings()
+        device = self.backend.device
+        start = time.perf_counter()
+        cond = self._condition(config, warn)
+        self.backend.synchronize()
+        timings.text_encoders_s = time.perf_counter() - start
+
+        scheduler = make_scheduler(config.scheduler, self.info.scheduler_config)
+        scheduler.set_timesteps(config.steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        noise, generator = self.initial_latents(config)
+        latents = noise.to(device) * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generator)
+        accumulator = None
+        with self._mask_context(record_masks) as records:
+            if records is not None:
+                gates = self.backend.gates  # type: ignore[attr-defined]
+                hw = (config.height // LATENT_FACTOR, config.width // LATENT_FACTOR)
+                accumulator = MaskAccumulator(gates.stage_of, hw, config.num_images)
+            for t in _progress(scheduler.timesteps, progress, self.backend.name):
+                step_start = time.perf_counter()
+                noise_pred = self._unet(latents, t, cond, config, scheduler)
+                latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[
+                    0
+                ]
+                self.backend.synchronize()
+                timings.unet_steps_s.append(time.perf_counter() - step_start)
+                if accumulator is not None:
+                    accumulator.drain(records)
+
+        vae_start = time.perf_counter()
+        pixels = self._decode(latents)
+        self.backend.synchronize()
+        timings.vae_s = time.perf_counter() - vae_start
+        images = _postprocess(pixels)
+        timings.total_s = time.perf_counter() - start
+        return GenerateResult(
+            config=config,
+            images=images,
+            latents=latents.float().cpu(),
+            initial_latents=noise,
+            pixels=pixels,
+            timings=timings,
+            settings=self.settings(config),
+            token_labels=token_labels(self.info.tokenizer, cond.prompt_ids),
+            masks=accumulator.fractions() if accumulator is not None else None,
+            warnings=warn,
+        )
+
+    def _unet(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        cond: _Conditioning,
+        config: GenerateConfig,
+        scheduler: Any,
+    ) -> torch.Tensor:
+        """One guided noise prediction (fp32, on the backend device)."""
+        model_in = torch.cat([latents] * 2) if config.do_cfg else latents
+        model_in = scheduler.scale_model_input(model_in, t)
+        timestep = t.to(device=latents.device, dtype=torch.float32).reshape(1)
+        feed = {
+            "sample": model_in,
+            "timestep": timestep.expand(model_in.shape[0]).contiguous(),
+            "encoder_hidden_states": cond.embeds,
+            "text_embeds": cond.pooled,
+            "time_ids": cond.time_ids,
+        }
+        out = self.backend.run("unet", feed)["out_sample"].to(latents.device).float()
+        if config.do_cfg:
+            uncond, text = out.chunk(2)
+            out = uncond + config.guidance * (text - uncond)
+        return out
+
+    def settings(self, config: GenerateConfig) -> dict[str, Any]:
+        """The settings recorded in PNG metadata and JSON reports."""
+        return {
+            "prompt": config.prompt,
+            "negative_prompt": config.negative_prompt,
+            "seed": config.seed,
+            "steps": config.steps,
+            "guidance": config.guidance,
+            "scheduler": config.scheduler,
+            "backend": self.backend.name,
+            "height": config.height,
+            "width": config.width,
+            "num_images": config.num_images,
+            "model": self.info.model_spec,
+            "model_fingerprint": self.info.unet_fingerprint,
+            "gates_sha256": self.info.gates_sha256 or "none",
+            "precision": self.info.precision,
+        }
+
+
+def check_size(name: str, value: int, allowed: tuple[int, int] | None) -> None:
+    """Refuse sizes that are not positive multiples of 8 or lie outside the exported range."""
+    if value <= 0 or value % LATENT_FACTOR:
+        raise UserError(f"--{name} {value} must be a positive multiple of {LATENT_FACTOR}")
+    if allowed and not allowed[0] <= value <= allowed[1]:
+        raise UserError(
+            f"--{name} {value} is outside the exported range {allowed[0]}..{allowed[1]} px; "
+            "choose a size in range or re-export with a recipe that covers it"
+        )
+
+
+def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+    """The generator (ancestral samplers) and eta (DDIM), as diffusers passes them."""
+    params = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "generator" in params:
+        kwargs["generator"] = generator
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    return kwargs
+
+
+def _progress(timesteps: torch.Tensor, enabled: bool, backend: str) -> Iterator[torch.Tensor]:
+    yield from tqdm(
+        timesteps, desc=f"UNet ({backend})", unit="step", disable=not enabled, leave=False
+    )
+
+
+def _postprocess(pixels: torch.Tensor) -> list[Any]:
+    """VAE output in [-1, 1] -> PIL images, exactly as diffusers' VaeImageProcessor does it."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    return VaeImageProcessor(vae_scale_factor=LATENT_FACTOR).postprocess(pixels, output_type="pil")
