@@ -124,6 +124,9 @@ class SyntheticSource:
     def key(self, index: int) -> str:
         return f"synthetic/{self.seed}/{index}"
 
+    def image_id(self, index: int) -> str:
+        return self.key(index)
+
     def caption(self, index: int) -> str:
         return make_scene(index, self.seed, self.size).caption
 
