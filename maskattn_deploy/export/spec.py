@@ -44,3 +44,39 @@ COMPONENT_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 # Names of the optional per-layer outputs added by ``--per-layer`` exports for localisation.
 PER_LAYER_OUTPUT_PREFIX = "probs/"
+
+# --- shapes --------------------------------------------------------------------------------
+# Pixel sizes are multiples of 64, so latents (pixels / 8) are multiples of 8: SDXL's UNet
+# downsamples latents twice and diffusers' SDXL resolutions (1024, 896x1152, ...) all are.
+LATENT_FACTOR = 8
+PIXEL_MULTIPLE = 64
+TEXT_TOKENS = 77
+
+# Symbolic axis names used in the ONNX graphs' inputs/outputs and in the manifest: B batch
+# (UNet rows; CFG doubles it), h/w latent height/width, H/W pixel height/width. Text tokens
+# are static (TEXT_TOKENS), channel and embedding widths are the model's.
+BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W = "B", "h", "w", "H", "W"
+
+# Float tensors that stay fp32 in fp16 exports (the manifest records each input's dtype).
+FP32_INPUTS: dict[str, tuple[str, ...]] = {"unet": ("timestep", "time_ids")}
+
+# --- files ---------------------------------------------------------------------------------
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data
+# Protobuf cannot serialise a message over 2 GiB; weights above this go to external data.
+DEFAULT_EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+CONFIG_DIRS = ("tokenizer", "tokenizer_2", "scheduler")
+
+
+def component_dir(component: str) -> str:
+    """Sub-folder of a component: ``unet`` -> ``unet``."""
+    return component
+
+
+def model_relpath(component: str) -> str:
+    """``unet`` -> ``unet/model.onnx`` (POSIX separators, as recorded in the manifest)."""
+    return f"{component_dir(component)}/{MODEL_FILE}"
+
+
+def per_layer_output(layer: str) -> str:
+    """Name of the extra output holding ``layer``'s masked-softmax probabilities."""
+    return PER_LAYER_OUTPUT_PREFIX + layer
