@@ -1,0 +1,162 @@
+"""Latency measurement: warm-up, repeats, robust statistics, and interleaved A/B pairs.
+
+On a shared or thermally throttled machine the speed drifts during a run. Comparing two
+variants (masked vs unmasked UNet) by timing all of A and then all of B folds that drift into
+the ratio; here A and B alternate within each repeat (A B, then B A, ...) and the ratio is the
+median of the per-pair ratios, so slow drift cancels pair by pair.
+
+Each run also records the process CPU time (all threads). On a CPU shared with other jobs the
+wall clock includes time spent waiting for a core; CPU time counts only the work done, so the
+CPU-time ratio of two variants stays meaningful when the wall-clock one is noisy. (On a GPU it
+is meaningless: the host mostly waits.)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Wall-clock seconds (and process CPU seconds) of repeated runs of one thing."""
+
+    samples: tuple[float, ...]
+    cpu_samples: tuple[float, ...] = field(default=(), compare=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.samples)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def min(self) -> float:
+        return min(self.samples)
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_samples) if self.cpu_samples else None
+
+    def ms(self) -> str:
+        """``median (min-max) ms`` for tables."""
+        return f"{self.median * 1e3:.1f} ({self.min * 1e3:.1f}-{self.max * 1e3:.1f})"
+
+    def as_dict(self) -> dict[str, Any]:
+        cpu = self.cpu_median
+        return {
+            "median_ms": self.median * 1e3,
+            "min_ms": self.min * 1e3,
+            "max_ms": self.max * 1e3,
+            "repeats": self.n,
+            "samples_ms": [s * 1e3 for s in self.samples],
+            "cpu_median_ms": None if cpu is None else cpu * 1e3,
+        }
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> tuple[float, float]:
+    sync()
+    cpu, start = time.process_time(), time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def _no_sync() -> None:
+    pass
+
+
+def _stats(runs: list[tuple[float, float]]) -> Stats:
+    return Stats(tuple(w for w, _ in runs), tuple(c for _, c in runs))
+
+
+def measure(
+    fn: Callable[[], Any],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = _no_sync,
+) -> Stats:
+    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls (``sync`` waits for devices)."""
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    for _ in range(warmup):
+        fn()
+    sync()
+    return _stats([_timed(fn, sync) for _ in range(repeats)])
+
+
+def _median_ratio(a: tuple[float, ...], b: tuple[float, ...]) -> float | None:
+    if not a or not b:
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+@dataclass(frozen=True)
+class PairedStats:
+    """Interleaved timings of variants ``a`` and ``b`` (e.g. masked and unmasked)."""
+
+    a: Stats
+    b: Stats
+
+    @property
+    def ratio(self) -> float:
+        """Median over repeats of a_i / b_i (drift-cancelling wall-clock ratio of a to b)."""
+        return _median_ratio(self.a.samples, self.b.samples)  # type: ignore[return-value]
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """The same ratio in process CPU time (robust to waiting for a shared CPU)."""
+        return _median_ratio(self.a.cpu_samples, self.b.cpu_samples)
+
+    @property
+    def ratio_of_medians(self) -> float:
+        return self.a.median / self.b.median
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "a": self.a.as_dict(),
+            "b": self.b.as_dict(),
+            "ratio": self.ratio,
+            "cpu_ratio": self.cpu_ratio,
+            "ratio_of_medians": self.ratio_of_medians,
+        }
+
+
+def measure_interleaved(
+    run_a: Callable[[], Any],
+    run_b: Callable[[], Any],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] = _no_sync,
+    before_a: Callable[[], None] = _no_sync,
+    before_b: Callable[[], None] = _no_sync,
+) -> PairedStats:
+    """Alternate A and B (AB, BA, AB, ...) ``repeats`` times after ``warmup`` rounds of each.
+
+    ``before_a`` / ``before_b`` switch the shared model into that variant (untimed), for
+    variants that share one module, like a UNet with its gates installed or removed.
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    for _ in range(warmup):
+        before_a()
+        run_a()
+        before_b()
+        run_b()
+    a: list[tuple[float, float]] = []
+    b: list[tuple[float, float]] = []
+    for i in range(repeats):
+        order = ((before_a, run_a, a), (before_b, run_b, b))
+        for switch, fn, sink in order if i % 2 == 0 else order[::-1]:
+            switch()
+            sink.append(_timed(fn, sync))
+    return PairedStats(_stats(a), _stats(b))

@@ -1,0 +1,89 @@
+"""Bench building blocks: statistics, interleaving order, drift-cancelling ratio, peak memory."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from maskattn_deploy.bench.memory import PeakMemory
+from maskattn_deploy.bench.timing import PairedStats, Stats, measure, measure_interleaved
+
+
+def test_stats_on_known_samples() -> None:
+    stats = Stats((0.004, 0.001, 0.003, 0.002, 0.010))
+    assert stats.median == 0.003 and stats.min == 0.001 and stats.max == 0.010 and stats.n == 5
+    assert stats.ms() == "3.0 (1.0-10.0)"
+    assert stats.as_dict()["median_ms"] == pytest.approx(3.0)
+
+
+def test_measure_warms_up_then_times_each_repeat() -> None:
+    calls = []
+    stats = measure(lambda: calls.append(time.sleep(0.002)), repeats=3, warmup=2)
+    assert len(calls) == 5 and stats.n == 3
+    assert all(s >= 0.002 for s in stats.samples)
+    with pytest.raises(ValueError):
+        measure(lambda: None, repeats=0)
+
+
+def test_interleaving_alternates_and_switches_before_each_run() -> None:
+    log: list[str] = []
+    state = {"variant": None}
+
+    def switch(name: str):
+        return lambda: state.update(variant=name)
+
+    def run(name: str):
+        def fn() -> None:
+            assert state["variant"] == name  # the switch always ran before its variant
+            log.append(name)
+
+        return fn
+
+    paired = measure_interleaved(
+        run("a"), run("b"), repeats=4, warmup=1, before_a=switch("a"), before_b=switch("b")
+    )
+    assert log == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert paired.a.n == paired.b.n == 4
+
+
+def test_paired_ratio_cancels_drift() -> None:
+    # The machine slows down 3x during the run; A always costs 1.1x B at the same moment.
+    slowdown = np.linspace(1.0, 3.0, 8)
+    a = Stats(tuple(0.011 * s for s in slowdown))
+    b = Stats(tuple(0.010 * s for s in slowdown))
+    paired = PairedStats(a, b)
+    assert paired.ratio == pytest.approx(1.1)
+    # Timing all of A before all of B would have mixed in the drift:
+    sequential = (
+        Stats(tuple(0.011 * s for s in slowdown[:4])).median
+        / Stats(tuple(0.010 * s for s in slowdown[4:])).median
+    )
+    assert sequential < 0.7
+
+
+def test_peak_memory_is_reset_per_block() -> None:
+    with PeakMemory() as big:
+        block = np.ones(40 * 2**20 // 8)  # 40 MiB, touched
+        del block
+    with PeakMemory() as small:
+        pass
+    assert big.result is not None and small.result is not None
+    if big.result.rss_scope == "block":  # Linux with /proc/self/clear_refs
+        assert big.result.rss_peak - small.result.rss_peak >= 30 * 2**20
+    else:
+        assert big.result.rss_peak >= 40 * 2**20
+
+
+def test_cpu_time_counts_work_not_waiting() -> None:
+    def busy(seconds: float = 0.02) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    paired = measure_interleaved(busy, lambda: time.sleep(0.02), repeats=4, warmup=0)
+    # Same wall time (both ~20 ms); only the busy loop uses the CPU.
+    assert 0.5 < paired.ratio < 2.0
+    assert paired.cpu_ratio is not None and paired.cpu_ratio > 5
+    assert paired.a.as_dict()["cpu_median_ms"] > 10
