@@ -14,7 +14,7 @@ The function (a ``FunctionProto`` with the same domain and name) is what ONNX Ru
     first   = Range(t) == ArgMax(g, select_last_index=0)       lowest index on ties
     open    = above or (empty and first)                       never an empty row
     p       = Softmax(Where(open, Cast<float>(S), -inf))       fp32 accumulation
-    P       = CastLike(Where(open, p, 0), S)                   exact zeros on closed tokens
+    P       = CastLike(p, S)                                   exp(-inf) = 0: exact zeros
 
 A row that keeps one open token never sees an all ``-inf`` softmax, so no NaN appears for finite
 inputs; non-finite logits only reach their own row. ``threshold`` is read from the node through
@@ -128,9 +128,10 @@ def make_function(opset: int) -> onnx.FunctionProto:
     add("Or", ["above", "fallback"], "is_open")
     add("Cast", ["logits"], "s", to=TensorProto.FLOAT)  # [b,h,n,t] fp32
     add("Where", ["is_open", "s", "neg_inf"], "s_open")
+    # Closed tokens hold -inf, so exp gives exactly 0 (no second Where needed): every row keeps
+    # at least one open token, and a non-finite logit can only spoil its own row.
     add("Softmax", ["s_open"], "p", axis=-1)
-    add("Where", ["is_open", "p", "zero"], "p_exact")
-    add("CastLike", ["p_exact", "logits"], "probs")
+    add("CastLike", ["p", "logits"], "probs")
     return helper.make_function(
         ONNX_DOMAIN,
         PLUGIN_NAME,
