@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -38,7 +37,6 @@ from maskattn_deploy.export.spec import (
     CONFIG_DIRS,
     DEFAULT_EXTERNAL_DATA_THRESHOLD,
     EXTERNAL_DATA_SUFFIX,
-    MANIFEST_NAME,
     MODEL_FILE,
     component_dir,
     model_relpath,
@@ -686,16 +684,7 @@ def _finish_manifest(
         validation=validation,
     )
     write_manifest(root, manifest)
-    _relax_modes(root)
     return manifest
-
-
-def _relax_modes(root: Path) -> None:
-    """The temp folder and manifest are created 0700/0600; give them the umask's modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    (root / MANIFEST_NAME).chmod(0o666 & ~umask)
 
 
 __all__ = [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,15 +33,7 @@ def save_png(
     path = Path(path)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(settings) if settings else None)
-        _readable(tmp)
     return path
-
-
-def _readable(path: Path) -> None:
-    """Temp files are created 0600; results are meant to be shared like any saved image."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod(0o666 & ~umask)
 
 
 def read_png_settings(path: str | Path) -> dict[str, Any]:
@@ -63,5 +54,4 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(dict(data), indent=2, sort_keys=True, default=str) + "\n")
-        _readable(tmp)
     return path
