@@ -240,7 +240,7 @@ def test_build_cli_fails_fast_with_one_line(tmp_path: Path) -> None:
     start = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "maskattn_deploy.cli.main", "build", str(export), "--recipe", "tiny"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     elapsed = time.perf_counter() - start
     assert proc.returncode == 2

@@ -107,11 +107,11 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
     tmp = tmp_path_factory.mktemp("interp")
     cases = build_cases()
     torch.save(cases, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}  # the installed package, as users get it
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp,
+    )  # fmt: skip  (cwd: outside the checkout, so the installed package is imported)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cases, torch.load(tmp / "out.pt")
 
