@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from maskattn_deploy.cli.options import json_option, ort_provider_option, report_option
+
 
 @click.command("bench")
 @click.argument("export_dir", required=False, type=click.Path(path_type=Path))
@@ -48,16 +50,9 @@ import click
 @click.option("--precision", type=click.Choice(("fp32", "fp16")), default=None)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime.")
 @click.option("--device", default=None, help="torch device (default: cuda when available).")
-@click.option(
-    "--ort-provider",
-    type=click.Choice(("auto", "cpu", "cuda", "tensorrt")),
-    default="auto",
-    show_default=True,
-)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results as JSON.")
-@click.option(
-    "--report", "report_path", type=click.Path(path_type=Path), help="Write a Markdown report."
-)
+@ort_provider_option
+@json_option
+@report_option
 def command(
     export_dir: Path | None,
     backends: str,

@@ -33,10 +33,19 @@ def _version(dist: str) -> str | None:
 def package_versions() -> dict[str, str | None]:
     versions = {"python": platform.python_version()}
     for name, dist in PACKAGES.items():
-        candidates = [dist] if dist else {
-            "onnxruntime": ["onnxruntime", "onnxruntime-gpu"],
-            "tensorrt": ["tensorrt", "tensorrt-cu12", "tensorrt-cu13", "tensorrt-cu12-bindings"],
-        }[name]
+        candidates = (
+            [dist]
+            if dist
+            else {
+                "onnxruntime": ["onnxruntime", "onnxruntime-gpu"],
+                "tensorrt": [
+                    "tensorrt",
+                    "tensorrt-cu12",
+                    "tensorrt-cu13",
+                    "tensorrt-cu12-bindings",
+                ],
+            }[name]
+        )
         versions[name] = next((v for c in candidates if (v := _version(c))), None)
     return versions
 
@@ -44,10 +53,14 @@ def package_versions() -> dict[str, str | None]:
 def cuda_info() -> dict[str, object]:
     import torch
 
-    info: dict[str, object] = {"torch_cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+    info: dict[str, object] = {
+        "torch_cuda_build": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
-        info["compute_capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+        major, minor = torch.cuda.get_device_capability(0)
+        info["compute_capability"] = f"{major}.{minor}"
     return info
 
 
@@ -70,7 +83,11 @@ def backend_status(cuda: bool) -> dict[str, str]:
     if not available("triton"):
         status["triton-kernel"] = f"not installed - {install_hint('triton')}"
     else:
-        status["triton-kernel"] = "usable (CUDA)" if cuda else "CPU: reference fallback (kernel needs a CUDA GPU; TRITON_INTERPRET=1 for tests)"
+        status["triton-kernel"] = (
+            "usable (CUDA)"
+            if cuda
+            else "CPU: reference fallback (kernel needs a CUDA GPU; TRITON_INTERPRET=1 for tests)"
+        )
     return status
 
 

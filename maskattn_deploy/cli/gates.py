@@ -46,7 +46,9 @@ def info(checkpoint: Path, as_json: bool) -> None:
 @command.command("import")
 @click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--model", default=None, help="Model the gates belong to (records its UNet fingerprint).")
+@click.option(
+    "--model", default=None, help="Model the gates belong to (records its UNet fingerprint)."
+)
 def import_(path: Path, out: Path, model: str | None) -> None:
     """Convert a reference gate_final.pt (maskattn-sdxl-gates-v1) into our format."""
     from maskattn_deploy.gating.checkpoint import import_reference_checkpoint, write_checkpoint

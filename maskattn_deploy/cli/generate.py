@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from maskattn_deploy.cli.options import ort_provider_option
+
 BACKEND_CHOICES = ("onnxruntime", "torch", "tensorrt")
 SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun")
 
@@ -94,13 +96,7 @@ SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", 
 @click.option(
     "--warmup", is_flag=True, help="Run a short untimed pass first (steady-state timings)."
 )
-@click.option(
-    "--ort-provider",
-    type=click.Choice(("auto", "cpu", "cuda", "tensorrt")),
-    default="auto",
-    show_default=True,
-    help="ONNX Runtime execution provider (auto: CUDA when onnxruntime-gpu sees a GPU).",
-)
+@ort_provider_option
 @click.option(
     "--cuda-graph",
     is_flag=True,

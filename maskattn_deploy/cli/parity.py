@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from maskattn_deploy.cli.options import json_option, ort_provider_option, report_option
+
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
     if value is None:
@@ -52,16 +54,9 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
     help="Override the gate checkpoint recorded in the export.",
 )
 @click.option("--device", default=None, help="Reference device (default: cuda when available).")
-@click.option(
-    "--ort-provider",
-    type=click.Choice(("auto", "cpu", "cuda", "tensorrt")),
-    default="auto",
-    show_default=True,
-)
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write results as JSON.")
-@click.option(
-    "--report", "report_path", type=click.Path(path_type=Path), help="Write a Markdown report."
-)
+@ort_provider_option
+@json_option
+@report_option
 def command(
     export_dir: Path,
     backends: str,
