@@ -197,6 +197,22 @@ def test_gates_stay_fp32_under_bf16_unet() -> None:
     assert gates.gate_logits(gates.layers[0], x, ctx).dtype == torch.float32
 
 
+def test_gate_logits_stay_fp32_inside_autocast() -> None:
+    unet = build_tiny_unet()
+    gates = install_gates(unet, GateConfig())
+    layer = gates.layers[0]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, gates.layer_info[layer].latent_dim, generator=gen)
+    ctx = torch.randn(2, 77, 64, generator=gen)
+    plain = gates.gate_logits(layer, x, ctx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.mm(x[0], x[0].T).dtype == torch.bfloat16  # autocast is really active
+        inside = gates.gate_logits(layer, x, ctx)
+    assert inside.dtype == torch.float32
+    # Same fp32 computation with autocast switched off inside: bit-identical.
+    assert torch.equal(inside, plain)
+
+
 def test_placement_stages_on_tiny_match_sdxl_names() -> None:
     unet = build_tiny_unet()
     stages = {

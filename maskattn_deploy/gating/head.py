@@ -42,6 +42,13 @@ class GateHead(nn.Module):
                 f"gate head expects widths {self.latent_dim}/{self.text_dim}, got "
                 f"{latents.shape[-1]}/{context.shape[-1]}: the gates belong to another model"
             )
+        device_type = latents.device.type
+        if torch.is_autocast_enabled(device_type):  # fp32 even inside a bf16/fp16 autocast region
+            with torch.autocast(device_type, enabled=False):
+                return self._logits(latents, context)
+        return self._logits(latents, context)
+
+    def _logits(self, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         u = self.latent_mlp(latents.float())  # [b, n, k]
         v = self.text_mlp(context.float())  # [b, t, k]
         return torch.matmul(u, v.transpose(-1, -2)) * self.scale + self.bias  # [b, n, t]
