@@ -29,6 +29,7 @@ import torch
 from maskattn_deploy.bench.memory import MemoryPeak, PeakMemory
 from maskattn_deploy.bench.timing import PairedStats, Stats, measure, measure_interleaved
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.spec import GRAPH_REVISION
 from maskattn_deploy.parity.inputs import ModelDims, ShapeCase, default_case, make_feed
 
 log = logging.getLogger(__name__)
@@ -473,7 +474,9 @@ def _unmasked_export(config: BenchConfig, setup: _Setup, say: Say) -> Path:
 
     recipe = setup.manifest.get("recipe") or TINY
     name = recipe.get("name", "custom") if isinstance(recipe, dict) else recipe
-    key = f"{model_fingerprint(setup.model)}-unet-nogates-{setup.precision}-{name}"
+    key = (
+        f"{model_fingerprint(setup.model)}-unet-nogates-{setup.precision}-{name}-r{GRAPH_REVISION}"
+    )
     target = cache_root() / "exports" / key
     if not (target / "manifest.json").is_file() and not config.export_unmasked:
         raise UserError(

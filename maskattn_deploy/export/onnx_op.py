@@ -9,16 +9,20 @@ The function (a ``FunctionProto`` with the same domain and name) is what ONNX Ru
 ``onnx.inliner`` see: the contract of DESIGN section 3 in standard ops::
 
     g       = Cast<float>(G)                                   [b,1,n,t]
-    above   = g > threshold
-    empty   = ReduceMax(above) == 0                            [b,1,n,1]
     first   = Range(t) == ArgMax(g, select_last_index=0)       lowest index on ties
-    open    = above or (empty and first)                       never an empty row
-    p       = Softmax(Where(open, Cast<float>(S), -inf))       fp32 accumulation
+    open    = (g > threshold) or first                         never an empty row
+    bias    = Where(open, 0, -inf)                             [b,1,n,t], shared by the heads
+    p       = Softmax(Cast<float>(S) + bias)                   fp32 accumulation
     P       = CastLike(p, S)                                   exp(-inf) = 0: exact zeros
 
+``first`` alone decides only rows with nothing above the threshold: in any other row the
+largest logit is above it already, so the argmax fallback needs no "row is empty" test. The mask
+is applied as an additive bias on ``[b,1,n,t]`` that broadcasts over the heads (one cheap Add
+on the large tensor instead of a broadcasting Where).
+
 A row that keeps one open token never sees an all ``-inf`` softmax, so no NaN appears for finite
-inputs; non-finite logits only reach their own row. ``threshold`` is read from the node through
-``ref_attr_name`` so one function serves every layer.
+inputs; a non-finite logit (``+inf`` + ``-inf`` is NaN) only spoils its own row. ``threshold``
+is read from the node through ``ref_attr_name`` so one function serves every layer.
 """
 
 from __future__ import annotations
@@ -109,27 +113,22 @@ def make_function(opset: int) -> onnx.FunctionProto:
     )
     threshold.attribute.append(ref)
     nodes.append(threshold)
-    const("last_axis", TensorProto.INT64, -1, [1])
     const("zero", TensorProto.FLOAT, 0.0)
     const("neg_inf", TensorProto.FLOAT, float("-inf"))
     const("i0", TensorProto.INT64, 0)
     const("i1", TensorProto.INT64, 1)
     add("Cast", ["gate_logits"], "g", to=TensorProto.FLOAT)  # [b,1,n,t] fp32
     add("Greater", ["g", "threshold"], "above")
-    add("Cast", ["above"], "above_f", to=TensorProto.FLOAT)
-    add("ReduceMax", ["above_f", "last_axis"], "any_open", keepdims=1)  # [b,1,n,1]
-    add("Equal", ["any_open", "zero"], "row_empty")
     add("ArgMax", ["g"], "best", axis=-1, keepdims=1, select_last_index=0)  # first maximum
     add("Shape", ["g"], "t_1d", start=-1)
     add("Squeeze", ["t_1d"], "t")
     add("Range", ["i0", "t", "i1"], "token")  # [t]
-    add("Equal", ["token", "best"], "is_best")  # [b,1,n,t]
-    add("And", ["row_empty", "is_best"], "fallback")
-    add("Or", ["above", "fallback"], "is_open")
+    add("Equal", ["token", "best"], "first")  # [b,1,n,t]
+    add("Or", ["above", "first"], "is_open")
+    add("Where", ["is_open", "zero", "neg_inf"], "bias")  # [b,1,n,t]
     add("Cast", ["logits"], "s", to=TensorProto.FLOAT)  # [b,h,n,t] fp32
-    add("Where", ["is_open", "s", "neg_inf"], "s_open")
-    # Closed tokens hold -inf, so exp gives exactly 0 (no second Where needed): every row keeps
-    # at least one open token, and a non-finite logit can only spoil its own row.
+    add("Add", ["s", "bias"], "s_open")
+    # Closed tokens hold -inf, so exp gives exactly 0; every row keeps one open token.
     add("Softmax", ["s_open"], "p", axis=-1)
     add("CastLike", ["p", "logits"], "probs")
     return helper.make_function(

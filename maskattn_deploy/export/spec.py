@@ -18,6 +18,9 @@ Tensor names below are the I/O names of every backend (ONNX Runtime, TensorRT, t
 from __future__ import annotations
 
 EXPORT_FORMAT = "maskattn-deploy-export/1"
+# Bumped whenever the exported graphs change for the same model and gates (for example the
+# masked-softmax decomposition), so cached exports made by an older version are not reused.
+GRAPH_REVISION = 2
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 ENGINES_DIR = "engines"

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.spec import GRAPH_REVISION
 from maskattn_deploy.runtime.base import Backend, check_backend_name
 from maskattn_deploy.runtime.masks import render_mask_grid
 from maskattn_deploy.runtime.model_info import ExportFolderError, ModelInfo, read_manifest
@@ -154,7 +155,9 @@ def tiny_export_dir(gates: Path | None, precision: str = "fp32") -> Path:
     from maskattn_deploy.models.tiny import cache_root
 
     sha = gates_sha256(gates)
-    key = f"{model_fingerprint(TINY)}-{sha[:16] if sha else 'nogates'}-{precision}"
+    key = (
+        f"{model_fingerprint(TINY)}-{sha[:16] if sha else 'nogates'}-{precision}-r{GRAPH_REVISION}"
+    )
     return cache_root() / EXPORTS_CACHE / key
 
 
