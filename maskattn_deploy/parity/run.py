@@ -184,11 +184,8 @@ def _run_all_outputs(backend: Any, component: str, feed: dict[str, Any]) -> dict
     """
     runner = backend.runner(component)
     runner.activate()
-    session = getattr(runner, "session", None)
-    if session is not None:
-        names = tuple(o.name for o in session.get_outputs())
-        if names != tuple(runner.output_names):
-            runner.output_names = names
+    if hasattr(runner, "use_all_outputs"):  # ONNX Runtime: ask for the extra outputs too
+        runner.use_all_outputs()
     gates = getattr(backend, "gates", None)
     if component == "unet" and gates is not None and getattr(backend, "pipe", None) is not None:
         from maskattn_deploy.export.spec import per_layer_output

@@ -126,6 +126,15 @@ class OrtComponentRunner(ComponentRunner):
     def _deactivate(self) -> None:
         self.session = None
 
+    def use_all_outputs(self) -> tuple[str, ...]:
+        """Return every output the graph has from now on, not only the component's own.
+
+        ``--per-layer`` exports add ``probs/<layer>`` outputs for parity's localisation.
+        """
+        self.activate()
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        return self.output_names
+
     def _infer(self, feed: Feed) -> dict[str, torch.Tensor]:
         if self.io_binding:
             return self._infer_bound(feed)
