@@ -48,6 +48,28 @@ def test_interleaving_alternates_and_switches_before_each_run() -> None:
     assert paired.a.n == paired.b.n == 4
 
 
+def test_settle_runs_each_variant_untimed_after_its_switch() -> None:
+    log: list[str] = []
+    # The first run after a switch is slow (cold), the next ones fast: with settle=1 only the
+    # fast, steady-state runs are timed.
+    state = {"last": None}
+
+    def run(name: str, cold: float, warm: float):
+        def fn() -> None:
+            time.sleep(warm if state["last"] == name else cold)
+            state["last"] = name
+            log.append(name)
+
+        return fn
+
+    paired = measure_interleaved(
+        run("a", 0.05, 0.01), run("b", 0.05, 0.01), repeats=2, warmup=0, settle=1
+    )
+    assert log == ["a", "a", "b", "b", "b", "b", "a", "a"]
+    # Timed runs are the warm ones (10 ms; the cold ones take 50 ms): sleep overshoot only.
+    assert max(paired.a.samples + paired.b.samples) < 0.04
+
+
 def test_paired_ratio_cancels_drift() -> None:
     # The machine slows down 3x during the run; A always costs 1.1x B at the same moment.
     slowdown = np.linspace(1.0, 3.0, 8)

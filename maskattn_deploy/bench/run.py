@@ -4,7 +4,8 @@ Per backend and shape case:
 
 - UNet step latency of the masked (gated) UNet and of the plain UNet, interleaved repeat by
   repeat on the same backend in the same run (see :mod:`maskattn_deploy.bench.timing`), so the
-  masked/unmasked ratio is not skewed by a noisy machine;
+  masked/unmasked ratio is not skewed by a noisy machine (each timed run follows an untimed one
+  of the same variant, so both are measured back to back as in a denoising loop);
 - end-to-end pipeline latency (text encoders, UNet steps with CFG, VAE) and images/s;
 - peak process RSS during the backend's block, and CUDA peaks on a GPU.
 
@@ -42,6 +43,10 @@ DEFAULT_BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
 # CPU targets of issue 7 (tiny model, batch 2, 256x256).
 TARGET_ORT_VS_TORCH = 0.8
 TARGET_MASK_RATIO = 1.15
+# Untimed runs after each masked/unmasked switch, so timed runs are back-to-back steady state
+# like a denoising loop (see bench.timing; on two CPU cores the first run after a switch was
+# ~1.5x slower for ONNX Runtime, whose other session's threads were still spinning).
+SETTLE_RUNS = 1
 
 
 @dataclass
@@ -560,6 +565,7 @@ def _unet_cases(
                 backend.synchronize,
                 before_a,
                 before_b,
+                settle=SETTLE_RUNS,
             )
             entry = UnetBench(name, case.label, paired.a, paired.b, paired.ratio)
             if backend.device.type == "cpu":

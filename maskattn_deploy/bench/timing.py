@@ -5,6 +5,12 @@ variants (masked vs unmasked UNet) by timing all of A and then all of B folds th
 the ratio; here A and B alternate within each repeat (A B, then B A, ...) and the ratio is the
 median of the per-pair ratios, so slow drift cancels pair by pair.
 
+A variant timed right after the other one does not run in its steady state: its caches are cold
+and, on the CPU, ONNX Runtime's worker threads of the *other* session are still spin-waiting on
+the same cores while its own are parked (on two cores that alone made every first run after a
+switch ~1.5x slower). ``settle`` untimed runs after each switch put every timed run in the state
+a denoising loop sees: the same UNet back to back.
+
 Each run also records the process CPU time (all threads). On a CPU shared with other jobs the
 wall clock includes time spent waiting for a core; CPU time counts only the work done, so the
 CPU-time ratio of two variants stays meaningful when the wall-clock one is noisy. (On a GPU it
@@ -139,11 +145,13 @@ def measure_interleaved(
     sync: Callable[[], None] = _no_sync,
     before_a: Callable[[], None] = _no_sync,
     before_b: Callable[[], None] = _no_sync,
+    settle: int = 0,
 ) -> PairedStats:
     """Alternate A and B (AB, BA, AB, ...) ``repeats`` times after ``warmup`` rounds of each.
 
     ``before_a`` / ``before_b`` switch the shared model into that variant (untimed), for
     variants that share one module, like a UNet with its gates installed or removed.
+    ``settle`` untimed runs follow each switch before the timed run (see the module docstring).
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
@@ -158,5 +166,7 @@ def measure_interleaved(
         order = ((before_a, run_a, a), (before_b, run_b, b))
         for switch, fn, sink in order if i % 2 == 0 else order[::-1]:
             switch()
+            for _ in range(settle):
+                fn()
             sink.append(_timed(fn, sync))
     return PairedStats(_stats(a), _stats(b))
