@@ -42,8 +42,9 @@ class GateHead(nn.Module):
                 f"gate head expects widths {self.latent_dim}/{self.text_dim}, got "
                 f"{latents.shape[-1]}/{context.shape[-1]}: the gates belong to another model"
             )
-        device_type = latents.device.type
-        if torch.is_autocast_enabled(device_type):  # fp32 even inside a bf16/fp16 autocast region
+        device_type = latents.device.type  # "meta" (shape-only runs) has no autocast
+        autocast = torch.amp.is_autocast_available(device_type)
+        if autocast and torch.is_autocast_enabled(device_type):  # fp32 even inside autocast
             with torch.autocast(device_type, enabled=False):
                 return self._logits(latents, context)
         return self._logits(latents, context)
