@@ -9,8 +9,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from maskattn_deploy.gating import GateConfig, install_gates, remove_gates, select_layers
-from maskattn_deploy.gating.mask import straight_through_gate
+from maskattn_deploy.gating.mask import straight_through_gate, training_softmax
 from maskattn_deploy.models.tiny import build_tiny_sd15_unet, build_tiny_unet
+from maskattn_deploy.ops.reference import masked_softmax_reference, open_mask
 
 
 def sdxl_inputs(unet: torch.nn.Module, batch: int = 2, size: int = 16) -> dict:
@@ -162,6 +163,53 @@ def test_ste_forward_is_hard_mask_and_backward_is_sigmoid() -> None:
             2 * eps
         )
     assert torch.allclose(logits.grad, num, atol=1e-8)  # central differences in fp64
+
+
+def _estimator_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 3, 4, 9, generator=g) * 3  # [b, h, n, t]
+    gate = torch.randn(2, 4, 9, generator=g)  # [b, n, t]
+    gate[1, 2] = -torch.rand(9, generator=g) - 0.5  # an all-closed row: argmax fallback
+    upstream = torch.randn(2, 3, 4, 9, generator=g)
+    return logits, gate, upstream
+
+
+@pytest.mark.parametrize("estimator", ["bias", "relaxed"])
+def test_training_estimators_forward_is_the_exact_masked_softmax(estimator: str) -> None:
+    logits, gate, _ = _estimator_case()
+    got = training_softmax(logits, gate, 0.0, estimator)
+    exact = masked_softmax_reference(logits, gate[:, None], 0.0)
+    closed = ~open_mask(gate, 0.0)[:, None].expand_as(logits)
+    assert (got[closed] == 0).all()  # exactly zero, as at inference
+    # relaxed: exact + (x - x) is bit-exact; bias: exp(-1e4) underflows to 0, fp32 rounding only.
+    torch.testing.assert_close(got, exact, atol=1e-6 if estimator == "bias" else 0, rtol=0)
+
+
+def test_relaxed_estimator_gradients() -> None:
+    logits, gate, upstream = _estimator_case()
+    s, g = logits.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+    (training_softmax(s, g, 0.0, "relaxed") * upstream).sum().backward()
+    # Independent expectations: the gate gradient of softmax(s + log sigmoid(g)) and the logit
+    # gradient of the exact masked softmax, each by autograd on its own formula.
+    g_ref = gate.clone().requires_grad_(True)
+    relaxed = torch.softmax(logits + torch.nn.functional.logsigmoid(g_ref)[:, None], dim=-1)
+    (relaxed * upstream).sum().backward()
+    s_ref = logits.clone().requires_grad_(True)
+    (masked_softmax_reference(s_ref, gate[:, None], 0.0) * upstream).sum().backward()
+    torch.testing.assert_close(g.grad, g_ref.grad, atol=1e-6, rtol=1e-5)  # fp32 rounding
+    torch.testing.assert_close(s.grad, s_ref.grad, atol=1e-6, rtol=1e-5)  # fp32 rounding
+    # The point of it: closed gates get a gradient (with the bias estimator theirs is exactly 0).
+    closed = ~open_mask(gate, 0.0)
+    assert (g.grad[closed] != 0).all()
+    g_bias = gate.clone().requires_grad_(True)
+    (training_softmax(logits, g_bias, 0.0, "bias") * upstream).sum().backward()
+    assert (g_bias.grad[closed] == 0).all()
+
+
+def test_unknown_estimator_is_refused() -> None:
+    logits, gate, _ = _estimator_case()
+    with pytest.raises(ValueError, match="unknown gate estimator 'soft'; choose bias, relaxed"):
+        training_softmax(logits, gate, 0.0, "soft")
 
 
 def test_training_mode_forward_equals_inference_forward() -> None:

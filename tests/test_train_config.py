@@ -81,6 +81,7 @@ def test_overrides_are_typed_by_the_recipe():
         ("train.steps", "is not key=value"),
         ("train.batch_size=0", "train.batch_size must be positive"),
         ("gates.stage=top", "gates.stage must be one of"),
+        ("train.gate_estimator=soft", "train.gate_estimator must be one of bias, relaxed"),
     ],
 )
 def test_bad_overrides_fail_clearly(override, message):

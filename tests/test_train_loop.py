@@ -178,3 +178,13 @@ def test_time_ids_follow_the_pipeline_convention():
         text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
     )
     assert theirs.tolist() == [[200.0, 300.0, 0.0, 16.0, 64.0, 64.0]] == [list(map(float, ours))]
+
+
+def test_relaxed_estimator_trains_through_the_recipe_key(tmp_path):
+    trainer = Trainer(fast_config("train.steps=2", "train.gate_estimator=relaxed"), tmp_path / "r")
+    assert trainer.gates.estimator == "relaxed"
+    before = {k: v.clone() for k, v in trainer.gates.state_dict().items()}
+    result = trainer.run()
+    assert result.complete and result.step == 2
+    after = trainer.gates.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # the gates were updated

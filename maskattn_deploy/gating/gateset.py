@@ -38,6 +38,7 @@ class GateSet(nn.Module):
         self.ste = False
         self.observing = False
         self.attention_impl: str = "auto"  # auto | sdpa | op | reference (gating/processor.py)
+        self.estimator: str = "bias"  # training gradient of the gates (gating/mask.py ESTIMATORS)
         self._last_open: dict[str, torch.Tensor] = {}
         self._records: dict[str, list[torch.Tensor]] | None = None
 

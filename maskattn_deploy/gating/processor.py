@@ -130,7 +130,7 @@ class MaskAttnProcessor:
         if self.gates.observing:
             self.gates.observe(self.layer_name, open_mask(gate_logits.detach(), threshold))
         if self.gates.ste:
-            return training_softmax(logits, gate_logits, threshold)
+            return training_softmax(logits, gate_logits, threshold, self.gates.estimator)
         if self.gates.attention_impl == "reference" and not _exporting():
             return masked_softmax_reference(logits, gate_logits[:, None], threshold)
         if logits.is_cuda:

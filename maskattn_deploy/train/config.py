@@ -79,6 +79,7 @@ class TrainSection:
     seed: int = 0
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16
     gradient_checkpointing: bool = False  # recompute the frozen UNet's activations
+    gate_estimator: str = "bias"  # bias (as the authors) | relaxed: see gating/mask.py ESTIMATORS
     allow_tf32: bool = True
 
 
@@ -142,7 +143,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check ranges and choices; raise a UserError naming the bad key."""
-        from maskattn_deploy.gating.config import PLACEMENTS, STAGES
+        from maskattn_deploy.gating.config import ESTIMATORS, PLACEMENTS, STAGES
 
         checks = [
             (self.data.resolution % 8 == 0 and self.data.resolution > 0,
@@ -165,6 +166,8 @@ class TrainConfig:
             (self.train.effective_batch >= 0, "train.effective_batch must be >= 0 (0 = unused)"),
             (self.train.mixed_precision in MIXED_PRECISION,
              f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}"),
+            (self.train.gate_estimator in ESTIMATORS,
+             f"train.gate_estimator must be one of {', '.join(ESTIMATORS)}"),
             (self.log.every > 0, "log.every must be positive"),
             (self.log.keep_checkpoints >= 1, "log.keep_checkpoints must be >= 1"),
         ]  # fmt: skip

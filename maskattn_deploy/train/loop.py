@@ -296,6 +296,7 @@ class Trainer:
         else:
             self.gates = install_gates(self.unet, self.config.gate_config())
         self.gates.set_training(True)
+        self.gates.estimator = self.config.train.gate_estimator
         self.params = list(self.gates.parameters())
         for param in self.params:
             param.requires_grad_(True)
