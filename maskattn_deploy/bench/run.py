@@ -30,7 +30,6 @@ import torch
 from maskattn_deploy.bench.memory import MemoryPeak, PeakMemory
 from maskattn_deploy.bench.timing import PairedStats, Stats, measure, measure_interleaved
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.export.spec import GRAPH_REVISION
 from maskattn_deploy.parity.inputs import ModelDims, ShapeCase, default_case, make_feed
 
 log = logging.getLogger(__name__)
@@ -468,21 +467,19 @@ def _unmasked_export(config: BenchConfig, setup: _Setup, say: Say) -> Path:
 
     Same recipe (so the same dynamic axes and opset) and precision as the masked export; only
     the UNet is exported, without validation (parity is the validation). The cache key holds the
-    UNet fingerprint, precision and recipe name.
+    UNet fingerprint, precision, recipe name and graph revision.
     """
     if config.unmasked_export_dir is not None:
         return config.unmasked_export_dir
     from maskattn_deploy.export import export_unet
     from maskattn_deploy.models import load_pipeline
-    from maskattn_deploy.models.tiny import cache_root
-    from maskattn_deploy.runtime.api import model_fingerprint
+    from maskattn_deploy.runtime.api import exports_cache_dir, model_fingerprint
 
     recipe = setup.manifest.get("recipe") or TINY
     name = recipe.get("name", "custom") if isinstance(recipe, dict) else recipe
-    key = (
-        f"{model_fingerprint(setup.model)}-unet-nogates-{setup.precision}-{name}-r{GRAPH_REVISION}"
+    target = exports_cache_dir(
+        f"{model_fingerprint(setup.model)}-unet-nogates-{setup.precision}-{name}"
     )
-    target = cache_root() / "exports" / key
     if not (target / "manifest.json").is_file() and not config.export_unmasked:
         raise UserError(
             "no plain-UNet export in the cache; run maskattn-deploy bench (it exports one "

@@ -6,7 +6,7 @@ one-line :class:`~maskattn_deploy.errors.UserError` messages that name the fix.
 
 Defaults make a fresh machine work: the built-in tiny model with its seeded (untrained) gates,
 on ONNX Runtime CPU. Without ``--export-dir`` the tiny model is exported once into
-``cache_root()/exports/<fingerprint>-<gates>-<precision>`` and reused afterwards.
+``cache_root()/exports/<fingerprint>-<gates>-<precision>-r<revision>`` and reused afterwards.
 """
 
 from __future__ import annotations
@@ -150,15 +150,19 @@ def gates_sha256(path: Path | None) -> str | None:
     return read_checkpoint(path).sha256
 
 
-def tiny_export_dir(gates: Path | None, precision: str = "fp32") -> Path:
-    """Cache folder of the tiny export for these gates: fingerprint + gate hash + precision."""
+def exports_cache_dir(name: str) -> Path:
+    """``cache_root()/exports/<name>-r<GRAPH_REVISION>``; older graph code's exports stay unused."""
     from maskattn_deploy.models.tiny import cache_root
 
+    return cache_root() / EXPORTS_CACHE / f"{name}-r{GRAPH_REVISION}"
+
+
+def tiny_export_dir(gates: Path | None, precision: str = "fp32") -> Path:
+    """Cache folder of the tiny export for these gates: fingerprint + gate hash + precision."""
     sha = gates_sha256(gates)
-    key = (
-        f"{model_fingerprint(TINY)}-{sha[:16] if sha else 'nogates'}-{precision}-r{GRAPH_REVISION}"
+    return exports_cache_dir(
+        f"{model_fingerprint(TINY)}-{sha[:16] if sha else 'nogates'}-{precision}"
     )
-    return cache_root() / EXPORTS_CACHE / key
 
 
 def ensure_tiny_export(gates: Path | None, say: Say, precision: str = "fp32") -> tuple[Path, dict]:
