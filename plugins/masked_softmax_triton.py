@@ -36,17 +36,29 @@ against a copy of the same bytes.
 
 The kernel
 ----------
-One program handles ``ROWS`` consecutive rows of the flattened ``[b*h*n, t]`` view, with
-``t`` padded to the power of two ``BLOCK_T`` and masked. Per tile it loads G (fp32), forms
-the open set with the argmax fallback, loads S, takes the max and the sum of ``exp`` over the
-open set in fp32, and stores ``exp / sum`` where open and an exact ``0`` elsewhere, so the
-output buffer's old contents never leak. A non-finite logit only touches its own row.
+One program handles ``ROWS`` consecutive token rows of one ``(batch, head)`` slice of S, with
+``t`` padded to the power of two ``BLOCK_T`` and masked. Programs are numbered head-fastest
+(``pid = ((batch * blocks) + block) * heads + head``), so the ``h`` programs that read the same
+gate rows run next to each other and G comes from the L2 after the first of them. Each program
+splits its id with three scalar integer divisions; rows need only multiplies (an earlier
+version divided every row index in 64 bits, which cost more than the memory traffic). Per tile
+it loads G and S, forms the open set with the argmax fallback, takes the max and the sum of
+``exp`` over the open set in fp32, and stores ``exp * (1 / sum)`` where open and an exact ``0``
+elsewhere, so the output buffer's old contents never leak. A non-finite logit only touches its
+own row.
+
+The tiling (``ROWS``, ``num_warps``) is a launch parameter: :func:`launch_config` gives the
+default, the GPU check (``maskattn-deploy selftest --gpu``) times the candidates in
+:data:`TUNING_CANDIDATES` and reports the fastest. With ``BLOCK_T >= 32 * num_warps`` Triton
+spreads a row over several warps and every row reduction goes through shared memory, so one
+warp per program is the default for the text lengths of SDXL.
 
 The kernel's runtime arguments follow the calling convention of TensorRT's AOT Python
 plugins: input pointers, then int32 scalars, then output pointers
 (``S, G, n_rows, heads, n_tokens, t, P``). ``THRESHOLD``, ``BLOCK_T`` and ``ROWS`` are
 compile-time constants; TensorRT does not serialize plugin attributes for AOT kernels, so the
-threshold is baked into the PTX.
+threshold is baked into the PTX. The grid is ``b * h * cdiv(n, ROWS)`` programs
+(:meth:`LaunchMetadata.grid_x`).
 """
 
 from __future__ import annotations
@@ -60,22 +72,27 @@ import triton.language as tl
 
 logger = logging.getLogger(__name__)
 
-# Elements per program tile (ROWS * BLOCK_T): 2048 fp32 values = 16 per thread at 4 warps.
-TILE_ELEMENTS = 2048
-NUM_WARPS = 4
+# Elements per thread the default tiling aims at (ROWS * BLOCK_T / (32 * num_warps)).
+ELEMENTS_PER_THREAD = 32
 # Largest padded row the single-pass kernel handles (t <= 1024 keeps a row in registers).
 MAX_BLOCK_T = 1024
 KERNEL_NAME = "masked_softmax_kernel"
 # Architectures compiled in CI; any sm_75+ target Triton knows is accepted.
 SUPPORTED_ARCHS = (80, 86, 89, 90)
 MIN_ARCH = 75
+# (ROWS, num_warps) tilings the GPU check times at BLOCK_T = 128 (t = 77).
+TUNING_CANDIDATES = (
+    (2, 1), (4, 1), (8, 1), (16, 1), (32, 1),
+    (8, 2), (16, 2), (32, 2),
+    (16, 4), (64, 4),
+)  # fmt: skip
 
 
 @triton.jit
 def masked_softmax_kernel(
     s_ptr,  # *fp16|fp32  logits [b, h, n, t], contiguous
     g_ptr,  # *fp32|fp16  gate logits [b, 1, n, t], contiguous
-    n_rows,  # i32  b * h * n
+    n_rows,  # i32  b * h * n (kept for the calling convention; the grid covers it)
     heads,  # i32  h
     n_tokens,  # i32  n
     t,  # i32  text tokens (row length)
@@ -84,22 +101,25 @@ def masked_softmax_kernel(
     BLOCK_T: tl.constexpr,
     ROWS: tl.constexpr,
 ):
+    # Program id -> (batch, block of token rows, head), head fastest; scalar divisions only.
     pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    blocks = tl.cdiv(n_tokens, ROWS)
+    head = pid % heads
+    rest = pid // heads
+    block = rest % blocks
+    batch = rest // blocks
+    tokens = block * ROWS + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_T)  # [BLOCK_T]
-    row_ok = rows < n_rows
-    col_ok = cols < t
-    ok = row_ok[:, None] & col_ok[None, :]  # [ROWS, BLOCK_T]
+    ok = (tokens < n_tokens)[:, None] & (cols < t)[None, :]  # [ROWS, BLOCK_T]
 
-    # Row r of S is (batch, head, token) = (r // (h*n), (r // n) % h, r % n); its gate row
-    # drops the head. 64-bit offsets so b*h*n*t may exceed 2**31.
-    rows64 = rows.to(tl.int64)
-    batch = rows64 // (heads * n_tokens)
-    g_rows = batch * n_tokens + rows64 % n_tokens
-    s_offs = rows64[:, None] * t + cols[None, :]
-    g_offs = g_rows[:, None] * t + cols[None, :]
+    # 64-bit row starts so b*h*n*t may exceed 2**31; the gate row drops the head.
+    s_rows = (batch.to(tl.int64) * heads + head) * n_tokens + tokens
+    g_rows = batch.to(tl.int64) * n_tokens + tokens
+    s_offs = s_rows[:, None] * t + cols[None, :]
+    g = tl.load(g_ptr + (g_rows[:, None] * t + cols[None, :]), mask=ok, other=float("-inf"))
+    s = tl.load(s_ptr + s_offs, mask=ok, other=0.0).to(tl.float32)
+    g = g.to(tl.float32)
 
-    g = tl.load(g_ptr + g_offs, mask=ok, other=float("-inf")).to(tl.float32)
     is_open = (g > THRESHOLD) & ok
     any_open = tl.max(is_open.to(tl.int32), axis=1) > 0  # [ROWS]
     # Fallback: the first column holding the row maximum of g (lowest index on ties).
@@ -108,30 +128,69 @@ def masked_softmax_kernel(
     fallback = cols[None, :] == first_max[:, None]
     keep = tl.where(any_open[:, None], is_open, fallback) & ok
 
-    s = tl.load(s_ptr + s_offs, mask=ok, other=0.0).to(tl.float32)
     s = tl.where(keep, s, float("-inf"))
     s_max = tl.max(s, axis=1)
     e = tl.where(keep, tl.exp(s - s_max[:, None]), 0.0)
-    denom = tl.sum(e, axis=1)
-    p = tl.where(keep, e / denom[:, None], 0.0)
+    inv = 1.0 / tl.sum(e, axis=1)
+    p = tl.where(keep, e * inv[:, None], 0.0)
     tl.store(p_ptr + s_offs, p.to(p_ptr.dtype.element_ty), mask=ok)
 
 
-def block_config(t: int) -> tuple[int, int]:
-    """``(BLOCK_T, ROWS)`` for rows of length ``t``: t padded to a power of two, ~2k elements a tile."""
+def padded_t(t: int) -> int:
+    """``BLOCK_T`` for rows of length ``t``: the next power of two (at least 2)."""
     if t < 1:
         raise ValueError(f"masked_softmax needs at least one text token, got t={t}")
     block_t = max(2, triton.next_power_of_2(t))
     if block_t > MAX_BLOCK_T:
         raise ValueError(f"masked_softmax kernel supports t <= {MAX_BLOCK_T}, got t={t}")
-    return block_t, max(1, TILE_ELEMENTS // block_t)
+    return block_t
 
 
-def masked_softmax_triton(S: Any, G: Any, threshold: float = 0.0, out: Any = None) -> Any:
+_override: tuple[int, int] | None = None
+
+
+def launch_config(block_t: int) -> tuple[int, int]:
+    """``(ROWS, num_warps)`` for padded rows of ``block_t``.
+
+    One warp per program up to ``BLOCK_T = 256`` (a row's reductions stay inside the warp),
+    four above; ``ROWS`` gives each thread about :data:`ELEMENTS_PER_THREAD` elements.
+    :func:`use_launch_config` overrides it (the GPU check uses that to apply its tuning).
+    """
+    if _override is not None:
+        return _override
+    num_warps = 1 if block_t <= 256 else 4
+    return max(1, ELEMENTS_PER_THREAD * 32 * num_warps // block_t), num_warps
+
+
+def use_launch_config(rows: int | None, num_warps: int | None = None) -> None:
+    """Use ``(rows, num_warps)`` for every later launch in this process; ``None`` resets."""
+    global _override
+    if rows is None:
+        _override = None
+        return
+    if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"rows must be a power of two and num_warps 1/2/4/8, got {rows}/{num_warps}")
+    _override = (rows, num_warps)
+
+
+def block_config(t: int) -> tuple[int, int]:
+    """``(BLOCK_T, ROWS)`` for rows of length ``t`` with the default tiling."""
+    block_t = padded_t(t)
+    return block_t, launch_config(block_t)[0]
+
+
+def masked_softmax_triton(
+    S: Any,
+    G: Any,
+    threshold: float = 0.0,
+    out: Any = None,
+    tiling: tuple[int, int] | None = None,
+) -> Any:
     """Launch the kernel on torch tensors ``S [b,h,n,t]``, ``G [b,1,n,t]``; returns ``P``.
 
     Works on CUDA tensors (a normal Triton launch) and on CPU tensors under
     ``TRITON_INTERPRET=1``. ``out`` may be a preallocated (possibly dirty) buffer like ``S``.
+    ``tiling`` is ``(ROWS, num_warps)``; by default :func:`launch_config`.
     """
     from maskattn_deploy.ops.reference import check_shapes
 
@@ -150,11 +209,12 @@ def masked_softmax_triton(S: Any, G: Any, threshold: float = 0.0, out: Any = Non
     n_rows = b * h * n
     if n_rows == 0:
         return out
-    block_t, rows = block_config(t)
-    grid = (triton.cdiv(n_rows, rows),)
+    block_t = padded_t(t)
+    rows, num_warps = tiling or launch_config(block_t)
+    grid = (b * h * triton.cdiv(n, rows),)
     masked_softmax_kernel[grid](
         S, G, n_rows, h, n, t, out,
-        THRESHOLD=float(threshold), BLOCK_T=block_t, ROWS=rows, num_warps=NUM_WARPS,
+        THRESHOLD=float(threshold), BLOCK_T=block_t, ROWS=rows, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -175,8 +235,9 @@ class LaunchMetadata:
     def block_x(self) -> int:
         return self.num_warps * 32
 
-    def grid_x(self, n_rows: int) -> int:
-        return triton.cdiv(n_rows, self.rows_per_program)
+    def grid_x(self, slices: int, n_tokens: int) -> int:
+        """Programs for ``slices = b * h`` slices of ``n_tokens`` rows each."""
+        return slices * triton.cdiv(n_tokens, self.rows_per_program)
 
 
 _PTR_TYPES = {"fp16": ("*fp16", "*fp32"), "fp32": ("*fp32", "*fp32")}
@@ -205,7 +266,7 @@ def compile_ptx(
     block_t: int,
     threshold: float = 0.0,
     rows_per_program: int | None = None,
-    num_warps: int = NUM_WARPS,
+    num_warps: int | None = None,
     gate_dtype: str | None = None,
     ptx_version: int | None = None,
 ) -> tuple[str, str, LaunchMetadata]:
@@ -226,7 +287,9 @@ def compile_ptx(
         )
     if block_t < 2 or block_t & (block_t - 1) or block_t > MAX_BLOCK_T:
         raise ValueError(f"block_t must be a power of two in [2, {MAX_BLOCK_T}], got {block_t}")
-    rows = rows_per_program or max(1, TILE_ELEMENTS // block_t)
+    default_rows, default_warps = launch_config(block_t)
+    rows = rows_per_program or default_rows
+    num_warps = num_warps or default_warps
     src = ASTSource(
         fn=masked_softmax_kernel,
         signature=kernel_signature(dtype, gate_dtype),

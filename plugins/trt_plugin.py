@@ -104,14 +104,14 @@ def _static_t(dim) -> int | None:
 
 def _aot_launch(trt, trtp, s, g, threshold: float):
     """PTX, kernel name, launch parameters and symbolic scalar args for one type combination."""
-    from maskattn_deploy.plugins.masked_softmax_triton import block_config, compile_ptx
+    from maskattn_deploy.plugins.masked_softmax_triton import compile_ptx, padded_t
 
     from maskattn_deploy.engine.cuda_check import probe_cuda
 
     cuda = probe_cuda()
     b, h, n, t = s.shape_expr[0], s.shape_expr[1], s.shape_expr[2], s.shape_expr[3]
     t_const = _static_t(t)
-    block_t = block_config(t_const)[0] if t_const is not None else DYNAMIC_T_BLOCK
+    block_t = padded_t(t_const) if t_const is not None else DYNAMIC_T_BLOCK
     if t_const is None:
         logger.warning(
             "%s: text length is dynamic; kernel compiled for t <= %d", PLUGIN_ID, block_t
@@ -126,7 +126,8 @@ def _aot_launch(trt, trtp, s, g, threshold: float):
     )
     n_rows = b * h * n
     params = trtp.KernelLaunchParams()
-    params.grid_x = trtp.cdiv(n_rows, meta.rows_per_program)
+    # One program per ROWS token rows of each (batch, head) slice (LaunchMetadata.grid_x).
+    params.grid_x = b * h * trtp.cdiv(n, meta.rows_per_program)
     params.block_x = meta.block_x
     params.shared_mem = meta.shared_mem
     # Scalar kernel arguments in kernel order (after S and G, before P): n_rows, heads, n, t.

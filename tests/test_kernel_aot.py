@@ -44,8 +44,10 @@ def test_ptx_for_each_arch(arch: int, dtype: str) -> None:
     assert all(p == "u64" for p in params[len(USER_PARAMS) :])
     # fp16 logits are widened to fp32 for the max/exp/sum, fp32 ones need no conversion.
     assert ("cvt.f32.f16" in ptx) == (dtype == "fp16")
-    assert (meta.block_x, meta.block_t, meta.rows_per_program) == (mst.NUM_WARPS * 32, 128, 16)
-    assert meta.grid_x(30) == 2  # 30 rows at 16 rows per program
+    rows, warps = mst.launch_config(128)
+    assert (meta.block_x, meta.block_t, meta.rows_per_program) == (warps * 32, 128, rows)
+    # 3 slices (b*h) of 30 token rows; each slice needs ceil(30 / rows) programs.
+    assert meta.grid_x(3, 30) == 3 * -(-30 // rows)
 
 
 def test_threshold_is_baked_into_the_ptx() -> None:
@@ -70,7 +72,30 @@ def test_invalid_requests_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("t", "block_t", "rows"), [(1, 2, 1024), (77, 128, 16), (154, 256, 8), (231, 256, 8)]
+    ("t", "block_t", "rows"), [(1, 2, 512), (77, 128, 8), (154, 256, 4), (231, 256, 4)]
 )
 def test_block_config(t: int, block_t: int, rows: int) -> None:
+    # One warp per program up to BLOCK_T 256, about 32 elements per thread.
     assert mst.block_config(t) == (block_t, rows)
+    assert mst.launch_config(block_t)[1] == 1
+
+
+def test_launch_config_override_and_reset() -> None:
+    mst.use_launch_config(16, 4)
+    try:
+        assert mst.launch_config(128) == (16, 4)
+        _, _, meta = mst.compile_ptx("fp16", 90, block_t=128)
+        assert (meta.rows_per_program, meta.num_warps) == (16, 4)
+    finally:
+        mst.use_launch_config(None)
+    assert mst.launch_config(128) == (8, 1)
+    with pytest.raises(ValueError, match="power of two"):
+        mst.use_launch_config(3, 1)
+
+
+def test_rows_are_split_without_64_bit_division() -> None:
+    # The program id is split with 32-bit scalar divisions; per-row 64-bit division (the
+    # first version's cost on the GPU) must not come back.
+    ptx, _, _ = mst.compile_ptx("fp16", 90, block_t=128)
+    assert "div.s64" not in ptx and "rem.s64" not in ptx
+    assert "bar.sync" not in ptx  # one warp per row: reductions never go through shared memory

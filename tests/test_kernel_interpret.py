@@ -26,11 +26,14 @@ CHILD = textwrap.dedent(
     import sys, warnings
     import torch
     warnings.filterwarnings("ignore")  # numpy warns on -inf - -inf in masked-off lanes
-    from maskattn_deploy.plugins.masked_softmax_triton import masked_softmax_triton
+    from maskattn_deploy.plugins.masked_softmax_triton import (
+        TUNING_CANDIDATES, masked_softmax_triton,
+    )
     from maskattn_deploy.plugins.torch_kernel import cuda_masked_softmax
     from maskattn_deploy.ops.torch_op import masked_softmax, masked_softmax_op
 
     cases = torch.load(sys.argv[1])
+    TILING_CASES = sys.argv[3].split(",")
     results = {}
     for name, c in cases.items():
         out = c["out"].clone()
@@ -40,6 +43,13 @@ CHILD = textwrap.dedent(
             "out_is_result": launched is out,
             "torch_kernel": cuda_masked_softmax(c["S"], c["G"], c["threshold"]),
         }
+        if name in TILING_CASES:  # every tiling the GPU check may pick
+            results[name]["tilings"] = {
+                tiling: masked_softmax_triton(
+                    c["S"], c["G"], c["threshold"], out=c["out"].clone(), tiling=tiling
+                )
+                for tiling in TUNING_CANDIDATES
+            }
     # The same function torch_kernel.register() installs for CUDA, installed here for CPU
     # (in this throwaway process) so the custom op dispatches to the interpreted kernel.
     masked_softmax.register_kernel("cpu")(cuda_masked_softmax)
@@ -82,7 +92,8 @@ def build_cases() -> dict[str, dict]:
     big = (torch.rand(2, 2, 3, 77, generator=gen) * 2 - 1) * 6.0e4
     add("fp16-near-range", big.half(), _rand_gate((2, 1, 3, 77), gen))
     add("fp16-gate-fp16", S.half(), _rand_gate((2, 1, 3, 77), gen).half())
-    # 7 and 30 rows: not multiples of the rows per program (16 at t=77, 8 at t=154).
+    # 7 and 30 rows: not multiples of the rows per program (8 at t=77, 4 at t=154 by default;
+    # TILING_CASES also run every tiling in TUNING_CANDIDATES, 2 to 64 rows).
     add(
         "rows-not-multiple-7",
         torch.randn(1, 1, 7, 77, generator=gen),
@@ -109,7 +120,8 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
     torch.save(cases, tmp / "cases.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # the installed package, as users get it
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt")],
+        [sys.executable, "-c", CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt"),
+         ",".join(TILING_CASES)],
         env=env, capture_output=True, text=True, timeout=300, cwd=tmp,
     )  # fmt: skip  (cwd: outside the checkout, so the installed package is imported)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,14 +134,22 @@ def _atol(dtype: torch.dtype) -> float:
 
 
 CASE_NAMES = list(build_cases())
+# Cases that also run under every candidate tiling: partial blocks, several heads and batches,
+# ties and the fallback, non-finite logits, fp16 logits with fp16 gates.
+TILING_CASES = (
+    "rows-not-multiple-7", "rows-not-multiple-30", "ties-in-gate", "all-closed-fallback",
+    "non-finite-logits", "fp16-gate-fp16", "random-t231-float32",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
 @pytest.mark.parametrize("path", ["launcher", "torch_kernel", "op"])
 def test_matches_reference(runs, name: str, path: str) -> None:
     cases, results = runs
-    c = cases[name]
-    got = results[name][path]
+    _assert_matches_reference(cases[name], results[name][path])
+
+
+def _assert_matches_reference(c: dict, got: torch.Tensor) -> None:
     want = masked_softmax_reference(c["S"], c["G"], c["threshold"])
     assert got.dtype == c["S"].dtype and got.shape == c["S"].shape
     finite_rows = torch.isfinite(c["S"].float()).all(dim=-1, keepdim=True).expand_as(want)
@@ -141,6 +161,17 @@ def test_matches_reference(runs, name: str, path: str) -> None:
     closed = ~open_mask(c["G"], c["threshold"]).expand_as(want)
     assert torch.all(got[closed] == 0)
     assert torch.isfinite(got[finite_rows]).all()
+
+
+@pytest.mark.parametrize("name", TILING_CASES)
+def test_every_candidate_tiling_matches_reference(runs, name: str) -> None:
+    mst = pytest.importorskip("maskattn_deploy.plugins.masked_softmax_triton")
+    cases, results = runs
+    tilings = results[name]["tilings"]
+    assert set(tilings) == set(mst.TUNING_CANDIDATES)
+    for got in tilings.values():
+        _assert_matches_reference(cases[name], got)
+        assert not torch.any(got == 123.0)  # poisoned buffers were fully overwritten
 
 
 def test_poisoned_buffer_is_fully_overwritten(runs) -> None:
