@@ -169,7 +169,9 @@ def use_launch_config(rows: int | None, num_warps: int | None = None) -> None:
         _override = None
         return
     if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8):
-        raise ValueError(f"rows must be a power of two and num_warps 1/2/4/8, got {rows}/{num_warps}")
+        raise ValueError(
+            f"rows must be a power of two and num_warps 1/2/4/8, got {rows}/{num_warps}"
+        )
     _override = (rows, num_warps)
 
 

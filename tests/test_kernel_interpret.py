@@ -120,9 +120,19 @@ def runs(tmp_path_factory) -> tuple[dict, dict]:
     torch.save(cases, tmp / "cases.pt")
     env = {**os.environ, "TRITON_INTERPRET": "1"}  # the installed package, as users get it
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp / "cases.pt"), str(tmp / "out.pt"),
-         ",".join(TILING_CASES)],
-        env=env, capture_output=True, text=True, timeout=300, cwd=tmp,
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(tmp / "cases.pt"),
+            str(tmp / "out.pt"),
+            ",".join(TILING_CASES),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp,
     )  # fmt: skip  (cwd: outside the checkout, so the installed package is imported)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cases, torch.load(tmp / "out.pt")
