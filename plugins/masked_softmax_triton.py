@@ -146,7 +146,7 @@ def padded_t(t: int) -> int:
     return block_t
 
 
-_override: tuple[int, int] | None = None
+_overrides: dict[int, tuple[int, int]] = {}
 
 
 def launch_config(block_t: int) -> tuple[int, int]:
@@ -154,25 +154,27 @@ def launch_config(block_t: int) -> tuple[int, int]:
 
     One warp per program up to ``BLOCK_T = 256`` (a row's reductions stay inside the warp),
     four above; ``ROWS`` gives each thread about :data:`ELEMENTS_PER_THREAD` elements.
-    :func:`use_launch_config` overrides it (the GPU check uses that to apply its tuning).
+    :func:`use_launch_config` overrides it per ``block_t`` (the GPU check applies its tuning).
     """
-    if _override is not None:
-        return _override
+    if block_t in _overrides:
+        return _overrides[block_t]
     num_warps = 1 if block_t <= 256 else 4
     return max(1, ELEMENTS_PER_THREAD * 32 * num_warps // block_t), num_warps
 
 
-def use_launch_config(rows: int | None, num_warps: int | None = None) -> None:
-    """Use ``(rows, num_warps)`` for every later launch in this process; ``None`` resets."""
-    global _override
+def use_launch_config(rows: int | None, num_warps: int = 1, block_t: int = 128) -> None:
+    """Use ``(rows, num_warps)`` for later launches with ``block_t`` in this process.
+
+    ``rows=None`` goes back to the default tiling.
+    """
     if rows is None:
-        _override = None
+        _overrides.pop(block_t, None)
         return
     if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8):
         raise ValueError(
             f"rows must be a power of two and num_warps 1/2/4/8, got {rows}/{num_warps}"
         )
-    _override = (rows, num_warps)
+    _overrides[block_t] = (rows, num_warps)
 
 
 def block_config(t: int) -> tuple[int, int]:

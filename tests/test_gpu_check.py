@@ -82,6 +82,12 @@ def test_dry_run_kernel_correctness_all_pass(dry_run) -> None:
             row["copy"]["median_us"] / row["kernel"]["median_us"]
         )
     assert {r["dtype"] for r in kernel["timing"]} == {"float16", "float32"}
+    # Tiling sweep: the dry plan's candidates ran, passed the t = 77 cases, one was applied.
+    tuning = kernel["tuning"]
+    assert tuning["status"] == "ok" and len(tuning["candidates"]) == 2
+    assert all(c["correct"] and c["geomean_us"] > 0 for c in tuning["candidates"])
+    fastest = min(tuning["candidates"], key=lambda c: c["geomean_us"])
+    assert tuning["chosen"] == kernel["tiling"] == [fastest["rows"], fastest["num_warps"]]
 
 
 @pytest.mark.slow
@@ -99,19 +105,24 @@ def test_dry_run_unet_ratios_are_positive(dry_run) -> None:
         assert row["status"] == "ok", row
         assert row["median_ms"] > 0 and row["samples"] >= 2 and row["output_finite"]
         assert row["peak_memory_bytes"] is None  # CUDA only
-    expected = {"eager_sdpa", "eager_reference", "eager_kernel", "compile_kernel"}
+    expected = {"eager_sdpa", "eager_reference", "eager_kernel", "graph_kernel", "compile_kernel"}
     assert set(unet["ratios"]) == expected
     for name, ratio in unet["ratios"].items():
         assert math.isfinite(ratio["ratio_median"]) and ratio["ratio_median"] > 0
         assert math.isfinite(ratio["ratio_min"]) and ratio["ratio_min"] > 0
-        if name.startswith("eager_"):  # interleaved masked/unmasked pairs (eager paths only)
+        if not name.startswith("compile_"):  # interleaved pairs (eager and graph paths)
             assert math.isfinite(ratio["ratio_paired"]) and ratio["ratio_paired"] > 0
         else:
             assert ratio["ratio_paired"] is None
-    assert (
-        results["verdict"]["unet_ratio_eager_kernel"]
-        == unet["ratios"]["eager_kernel"]["ratio_paired"]
-    )
+    # No CUDA graphs on the CPU: the graph variants run eagerly and say so.
+    assert variants["graph_masked_kernel"]["method"] == "perf_counter"
+    verdict = results["verdict"]
+    for path in ("eager", "graph"):
+        assert (
+            verdict[f"unet_ratio_{path}_kernel"] == unet["ratios"][f"{path}_kernel"]["ratio_paired"]
+        )
+    # Judged on the compiled path when it ran; never on the dry run.
+    assert verdict["unet_target_path"] == "compile" and verdict["unet_meets_target"] is None
     # Same gates, three softmax paths: fp32 kernel/SDPA vs the reference op differ by rounding.
     assert unet["agreement"]["kernel_vs_reference"]["rel_l2"] < 1e-5
     assert unet["agreement"]["sdpa_vs_reference"]["rel_l2"] < 1e-5

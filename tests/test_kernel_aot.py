@@ -81,9 +81,10 @@ def test_block_config(t: int, block_t: int, rows: int) -> None:
 
 
 def test_launch_config_override_and_reset() -> None:
-    mst.use_launch_config(16, 4)
+    mst.use_launch_config(16, 4)  # for BLOCK_T 128 only
     try:
         assert mst.launch_config(128) == (16, 4)
+        assert mst.launch_config(256) == (4, 1)
         _, _, meta = mst.compile_ptx("fp16", 90, block_t=128)
         assert (meta.rows_per_program, meta.num_warps) == (16, 4)
     finally:

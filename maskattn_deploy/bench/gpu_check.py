@@ -6,18 +6,22 @@ construction) and writes what it has after every step (``results.json`` + ``resu
 atomically), so a run cut short still leaves data. Parts, in order:
 
 1. ``environment``: card, driver, CUDA, torch/triton/diffusers versions, SMs, memory.
-2. ``kernel``: the Triton kernel against the reference oracle on every case of DESIGN
-   section 3 (exact zero pattern, max abs diff within fp32 1e-6 / fp16 2e-3, poisoned output
-   buffers), then its time at the SDXL shapes next to a device-to-device copy of the same bytes
-   and the torch reference.
+2. ``kernel``: first a tiling sweep (each ``(ROWS, num_warps)`` of the kernel's
+   ``TUNING_CANDIDATES``, checked on the t = 77 cases and timed; the fastest correct one is
+   applied for the rest of the run), then the Triton kernel against the reference oracle on
+   every case of DESIGN section 3 (exact zero pattern, max abs diff within fp32 1e-6 / fp16
+   2e-3, poisoned output buffers), then its time at the SDXL shapes next to a device-to-device
+   copy of the same bytes and the torch reference.
 3. ``unet``: the SDXL UNet (random fp16 weights, built on the GPU from
    :mod:`maskattn_deploy.bench.sdxl_config`) with gates on the default ``mid`` stage; one CFG
    step (batch 2, 128x128 latent, 77 tokens). Unmasked is diffusers' stock SDPA processor;
    masked runs the gated processor three ways: the open set as a -inf bias to SDPA, the
    ``maskattn::masked_softmax`` op with its reference implementation (kernel held back) and
-   the op on the Triton kernel; then, budget allowing, ``torch.compile`` of unmasked, kernel
-   and SDPA-bias paths. Reported: median/min ms, masked/unmasked ratios (for eager paths also
-   from interleaved step pairs, which cancel drift), peak memory, and how far the masked
+   the op on the Triton kernel. The same step is also captured as a CUDA graph (unmasked,
+   kernel, SDPA bias: Python and launch overhead out, what the GPU itself spends); then,
+   budget allowing, ``torch.compile`` of the unmasked, kernel and SDPA-bias paths. Reported:
+   median/min ms, masked/unmasked ratios (for eager and graph paths also from interleaved
+   step pairs, which cancel drift), peak memory, and how far the masked
    paths' outputs differ from each other.
 
 ``dry_run`` runs the same code on the CPU at tiny sizes (the built-in tiny UNet instead of
@@ -97,6 +101,8 @@ class Plan:
     variant_cap_s: float  # stop sampling a UNet variant after this long (>= 2 samples)
     paired_samples: int  # interleaved masked/unmasked step pairs per eager masked variant
     compile_backend: str
+    tuning_candidates: int  # how many of the kernel's TUNING_CANDIDATES tilings to time
+    tuning_samples: int
     cpu_threads: int | None = None  # torch threads (None: leave torch's default)
     left_out: tuple[str, ...] = ()  # UNet variants this plan does not run
     estimate_s: dict[str, float] = field(default_factory=dict)
@@ -119,6 +125,8 @@ GPU_PLAN = Plan(
     variant_cap_s=12.0,
     paired_samples=10,
     compile_backend="inductor",
+    tuning_candidates=99,  # all
+    tuning_samples=20,
     estimate_s={"kernel": 60, "unet": 45, "eager": 15, "compile": 150},
 )
 DRY_PLAN = Plan(
@@ -138,9 +146,11 @@ DRY_PLAN = Plan(
     variant_cap_s=5.0,
     paired_samples=2,
     compile_backend="eager",  # dynamo tracing without C++/Triton code generation on the CPU
+    tuning_candidates=2,  # the interpreter is slow: enough to keep the code path alive
+    tuning_samples=2,
     cpu_threads=1,  # one thread: shared CI cores make multi-threaded barriers stall for seconds
-    # Same code as compile_masked_kernel; a third dynamo trace would cost CI ~15 s.
-    left_out=("compile_masked_sdpa",),
+    # Same code as their kernel twins; each extra variant costs CI seconds.
+    left_out=("compile_masked_sdpa", "graph_masked_sdpa"),
     estimate_s={"kernel": 10, "unet": 5, "eager": 3, "compile": 15},
 )
 
@@ -546,9 +556,14 @@ def check_output(
     }
 
 
-def kernel_correctness(kernel: Any, device: torch.device, plan: Plan, seed: int) -> dict[str, Any]:
+def kernel_correctness(
+    kernel: Any, device: torch.device, plan: Plan, seed: int, only_t: int | None = None
+) -> dict[str, Any]:
+    """Every case (or those with ``t == only_t``) in fp32 and fp16 against the reference."""
     results = []
     for case in kernel_cases(plan.case_tokens, seed):
+        if only_t is not None and case.S.shape[-1] != only_t:
+            continue
         for dtype in (torch.float32, torch.float16):
             S = case.S.to(dtype)
             G = case.G.to(dtype) if case.gate_like_logits else case.G
@@ -578,6 +593,19 @@ def _rate(stats: dict[str, Any], nbytes: int) -> dict[str, Any]:
     return {**stats, "gbps": nbytes / (stats["median_us"] * 1e-6) / 1e9}
 
 
+def _kernel_inputs(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device, sets: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``sets`` independent (S, G, poisoned P) triples: rotating them defeats the L2."""
+    b, h, n, t = shape
+    data = []
+    for _ in range(sets):
+        S = (torch.randn(shape, device=device) * 3).to(dtype)
+        G = torch.randn((b, 1, n, t), device=device) * 2 - 0.5
+        data.append((S, G, torch.full_like(S, POISON)))
+    return data
+
+
 def time_kernel_shape(
     kernel: Any, shape: tuple[int, int, int, int], dtype: str, device: torch.device,
     plan: Plan, timer: Timer, l2_bytes: int,
@@ -591,11 +619,7 @@ def time_kernel_shape(
     s_bytes, g_bytes = b * h * n * t * elem, b * n * t * 4
     nbytes = 2 * s_bytes + g_bytes  # S read + G read + P write
     sets = _sets_for(nbytes, l2_bytes, plan.rotate_l2_factor)
-    data = []
-    for _ in range(sets):
-        S = (torch.randn(shape, device=device) * 3).to(torch_dtype)
-        G = torch.randn((b, 1, n, t), device=device) * 2 - 0.5
-        data.append((S, G, torch.full_like(S, POISON)))
+    data = _kernel_inputs(shape, torch_dtype, device, sets)
     copies = [
         (torch.randint(1, 255, (nbytes // 2,), dtype=torch.uint8, device=device),
          torch.empty(nbytes // 2, dtype=torch.uint8, device=device))
@@ -632,11 +656,61 @@ def copy_ceiling(device: torch.device, plan: Plan, timer: Timer) -> dict[str, An
     return {"bytes": 2 * half, **_rate(stats, 2 * half)}
 
 
+def tune_tiling(ctx: RunContext) -> dict[str, Any]:
+    """Time each candidate tiling (ROWS, num_warps) of the kernel at t = 77 and keep the fastest.
+
+    A candidate counts only if it passes every t = 77 correctness case. The winner is applied
+    with ``use_launch_config`` for the rest of the run (kernel timings and the UNet); the
+    criterion is the geometric mean of its median times over the timing shapes and dtypes.
+    """
+    kernel, plan = ctx.kernel, ctx.plan
+    candidates = tuple(getattr(kernel, "TUNING_CANDIDATES", ()))[: plan.tuning_candidates]
+    if not candidates or not hasattr(kernel, "use_launch_config"):
+        return {"status": "skipped", "reason": "the kernel module has no tuning candidates"}
+    rows = []
+    for tiling in candidates:
+        kernel.use_launch_config(*tiling)
+        try:
+            correct = kernel_correctness(kernel, ctx.device, plan, ctx.config.seed, only_t=77)
+            times = {}
+            for shape in plan.timing_shapes:
+                for dtype in plan.timing_dtypes:
+                    data = _kernel_inputs(shape, getattr(torch, dtype), ctx.device, 2)
+                    calls = [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2])
+                             for d in data]  # fmt: skip
+                    stats = ctx.timer.per_call_us(calls, plan.kernel_inner, plan.tuning_samples)
+                    times[f"{list(shape)} {dtype}"] = stats["median_us"]
+        finally:
+            kernel.use_launch_config(None)
+        geo = math.exp(statistics.fmean(math.log(v) for v in times.values()))
+        row = {"rows": tiling[0], "num_warps": tiling[1], "correct": correct["all_pass"],
+               "failed": correct["failed"], "median_us": times, "geomean_us": geo}  # fmt: skip
+        rows.append(row)
+        ctx.echo(f"  tiling rows={tiling[0]:<3} warps={tiling[1]}: geomean {geo:.2f} us "
+                 f"({'ok' if row['correct'] else 'WRONG: ' + ', '.join(row['failed'])})")  # fmt: skip
+    good = [r for r in rows if r["correct"]]
+    result: dict[str, Any] = {
+        "status": "ok", "default": list(kernel.launch_config(128)), "candidates": rows,
+        "criterion": "geometric mean of median us over the timing shapes and dtypes",
+    }  # fmt: skip
+    if good:
+        best = min(good, key=lambda r: r["geomean_us"])
+        kernel.use_launch_config(best["rows"], best["num_warps"])
+        result["chosen"] = [best["rows"], best["num_warps"]]
+        ctx.echo(f"  tiling chosen: rows={best['rows']} warps={best['num_warps']}")
+    return result
+
+
 def kernel_part(entry: dict[str, Any], ctx: RunContext) -> None:
     if ctx.kernel is None:
         entry.update(status="skipped", reason=ctx.kernel_missing)
         return
     entry["module"] = ctx.kernel.__name__
+    entry["tuning"] = tune_tiling(ctx)
+    entry["tiling"] = (
+        list(ctx.kernel.launch_config(128)) if entry["tuning"]["status"] == "ok" else None
+    )
+    ctx.recorder.save()
     entry["correctness"] = kernel_correctness(ctx.kernel, ctx.device, ctx.plan, ctx.config.seed)
     ctx.recorder.save()
     l2 = ctx.l2_bytes()
@@ -712,6 +786,7 @@ class Variant:
     masked: bool
     impl: str  # stock (AttnProcessor2_0) | sdpa (-inf bias) | reference (op) | kernel (op)
     compiled: bool
+    graphed: bool = False  # eager step captured once as a CUDA graph, timed by replays
 
 
 VARIANTS = (
@@ -719,6 +794,10 @@ VARIANTS = (
     Variant("eager_masked_sdpa", True, "sdpa", False),
     Variant("eager_masked_reference", True, "reference", False),
     Variant("eager_masked_kernel", True, "kernel", False),
+    # CUDA graphs take Python and launch overhead out: what the GPU itself spends per step.
+    Variant("graph_unmasked", False, "stock", False, graphed=True),
+    Variant("graph_masked_kernel", True, "kernel", False, graphed=True),
+    Variant("graph_masked_sdpa", True, "sdpa", False, graphed=True),
     Variant("compile_unmasked", False, "stock", True),
     Variant("compile_masked_kernel", True, "kernel", True),
     Variant("compile_masked_sdpa", True, "sdpa", True),
@@ -728,12 +807,18 @@ RATIOS = {
     "eager_sdpa": ("eager_masked_sdpa", "eager_unmasked"),
     "eager_reference": ("eager_masked_reference", "eager_unmasked"),
     "eager_kernel": ("eager_masked_kernel", "eager_unmasked"),
+    "graph_kernel": ("graph_masked_kernel", "graph_unmasked"),
+    "graph_sdpa": ("graph_masked_sdpa", "graph_unmasked"),
     "compile_kernel": ("compile_masked_kernel", "compile_unmasked"),
     "compile_sdpa": ("compile_masked_sdpa", "compile_unmasked"),
 }
+VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
+# masked variant -> the unmasked variant its interleaved pairs run against (not compiled)
+PARTNER = {m: u for m, u in RATIOS.values() if not VARIANT_BY_NAME[m].compiled}
 # agreement name -> (variant, variant it is compared with)
 AGREEMENT = {
     "kernel_vs_reference": ("eager_masked_kernel", "eager_masked_reference"),
+    "graph_vs_eager_kernel": ("graph_masked_kernel", "eager_masked_kernel"),
     "sdpa_vs_reference": ("eager_masked_sdpa", "eager_masked_reference"),
     "compiled_vs_eager_unmasked": ("compile_unmasked", "eager_unmasked"),
     "compiled_vs_eager_kernel": ("compile_masked_kernel", "eager_masked_kernel"),
@@ -760,6 +845,7 @@ def register_kernel_path(ctx: RunContext) -> tuple[bool, str]:
 
 
 def _step_fn(unet: torch.nn.Module, inputs: dict[str, Any], variant: Variant, ctx: RunContext):
+    """One CFG step of ``variant`` (call after :func:`_configure`; graphs capture it here)."""
     module = unet
     if variant.compiled:
         import torch._dynamo as dynamo  # binds only `dynamo`, not a local `torch`
@@ -771,7 +857,28 @@ def _step_fn(unet: torch.nn.Module, inputs: dict[str, Any], variant: Variant, ct
         with torch.no_grad():
             return module(**inputs, return_dict=False)[0]
 
-    return step
+    if variant.graphed and ctx.device.type == "cuda":
+        return _graphed(step, ctx.device)
+    return step  # the dry run has no CUDA graphs: the graph variants run eagerly there
+
+
+def _graphed(step: Callable[[], torch.Tensor], device: torch.device):
+    """Capture ``step`` as a CUDA graph (after two warm-up calls on a side stream)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def time_variant(
@@ -801,6 +908,7 @@ def time_variant(
         "first_call_s": first_call_s,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(ctx.device) if cuda else None,
         "output_finite": bool(torch.isfinite(out).all()),
+        "method": "cuda-graph" if variant.graphed and cuda else "eager" if cuda else "perf_counter",
     }
     ctx.outputs[variant.name] = out.detach().float().cpu()
     if variant.compiled:
@@ -889,7 +997,8 @@ def _run_variant(unet, inputs, gates, variant: Variant, entry, ctx: RunContext, 
             ctx.compile_s = max(ctx.compile_s, row["first_call_s"])
         if variant.name == "eager_masked_reference":
             row["open_fraction"] = _open_fraction(unet, inputs, gates, variant, ctx)
-        if variant.masked and not variant.compiled and _ok(entry, "eager_unmasked"):
+        partner = PARTNER.get(variant.name)
+        if not variant.compiled and partner and _ok(entry, partner):
             row["paired"] = paired_ratio(unet, inputs, gates, variant, ctx)
     except Exception as exc:  # e.g. a compile failure: record it, keep the other variants
         row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
@@ -908,8 +1017,11 @@ def _ok(entry: dict[str, Any], variant_name: str) -> bool:
 
 def paired_ratio(unet, inputs, gates, masked: Variant, ctx: RunContext) -> dict[str, Any]:
     """masked/unmasked from interleaved steps (A B, B A, ...): drift cancels pair by pair."""
-    unmasked = VARIANTS[0]
-    steps = {v.name: _step_fn(unet, inputs, v, ctx) for v in (unmasked, masked)}
+    unmasked = VARIANT_BY_NAME[PARTNER[masked.name]]
+    steps = {}
+    for v in (unmasked, masked):
+        _configure(unet, gates, v)  # a graph captures the processors installed now
+        steps[v.name] = _step_fn(unet, inputs, v, ctx)
     ratios = []
     for i in range(ctx.plan.paired_samples):
         times = {}
@@ -985,9 +1097,10 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
     kernel, unet = parts.get("kernel", {}), parts.get("unet", {})
     correctness = kernel.get("correctness", {}).get("all_pass")
     fractions = [row["fraction_of_copy"] for row in kernel.get("timing", [])]
-    eager = unet.get("ratios", {}).get("eager_kernel", {})
-    ratio = eager.get("ratio_paired") or eager.get("ratio_median")  # interleaved when measured
-    compiled = unet.get("ratios", {}).get("compile_kernel", {}).get("ratio_median")
+    ratios = {path: _kernel_ratio(unet, path) for path in ("eager", "graph", "compile")}
+    # Judged on the path a deployment runs: compiled, else CUDA graph, else eager.
+    target_path = next((p for p in ("compile", "graph", "eager") if ratios[p]), None)
+    ratio = ratios[target_path] if target_path else None
     real = not results["dry_run"]
     failed = [name for name, p in parts.items() if p.get("status") == "failed"]
     failed += [f"unet.{n}" for n, v in unet.get("variants", {}).items() if v["status"] == "failed"]
@@ -995,14 +1108,22 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
         "kernel_correct": correctness,
         "kernel_min_copy_fraction": min(fractions) if fractions else None,
         "kernel_meets_target": (min(fractions) >= TARGET_COPY_FRACTION) if real and fractions else None,
-        "unet_ratio_eager_kernel": ratio,
-        "unet_ratio_compile_kernel": compiled,
+        "unet_ratio_eager_kernel": ratios["eager"],
+        "unet_ratio_graph_kernel": ratios["graph"],
+        "unet_ratio_compile_kernel": ratios["compile"],
+        "unet_target_path": target_path,
         "unet_meets_target": (ratio <= TARGET_UNET_RATIO) if real and ratio else None,
         "failed": failed,
         "ok": not failed and correctness is not False,
         "note": "dry run: CPU timings say nothing about a GPU; targets are judged on a GPU only"
         if not real else "",
     }  # fmt: skip
+
+
+def _kernel_ratio(unet: dict[str, Any], path: str) -> float | None:
+    """masked/unmasked of the kernel path: from interleaved pairs where they ran."""
+    r = unet.get("ratios", {}).get(f"{path}_kernel", {})
+    return r.get("ratio_paired") or r.get("ratio_median")
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -1043,6 +1164,18 @@ def _kernel_md(kernel: dict[str, Any]) -> list[str]:
             f"fp16 {worst['float16']:.2e} <= {ATOL['float16']:.0e})"
             + (f"; failed: {', '.join(corr['failed'])}" if corr["failed"] else "")
         )
+    tuning = kernel.get("tuning") or {}
+    if tuning.get("candidates"):
+        keys = list(tuning["candidates"][0]["median_us"])
+        lines += ["", f"Tiling (ROWS, num_warps) at t = 77, median us per call; default "
+                  f"{tuning['default']}, chosen {tuning.get('chosen')} ({tuning['criterion']}):",
+                  "", "| rows | warps | correct | " + " | ".join(keys) + " | geomean |",
+                  "| ---: | ---: | --- |" + " ---: |" * (len(keys) + 1)]  # fmt: skip
+        for c in tuning["candidates"]:
+            cells = " | ".join(f"{c['median_us'][k]:.2f}" for k in keys)
+            lines.append(f"| {c['rows']} | {c['num_warps']} | {c['correct']} | {cells} | "
+                         f"{c['geomean_us']:.2f} |")  # fmt: skip
+        lines.append("")
     if kernel.get("copy_ceiling"):
         lines.append(f"Copy ceiling: {kernel['copy_ceiling']['gbps']:.0f} GB/s "
                      f"({kernel['copy_ceiling']['bytes'] / 1e6:.0f} MB, read + write)")  # fmt: skip

@@ -11,6 +11,9 @@ import math
 import torch
 from torch import nn
 
+# Device types with an autocast mode that a gated UNet runs on.
+AUTOCAST_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
 
 def _mlp(in_dim: int, hidden_dim: int) -> nn.Sequential:
     # LayerNorm -> Linear -> SiLU -> Linear (indices 0, 1, 3 hold parameters).
@@ -43,7 +46,9 @@ class GateHead(nn.Module):
                 f"{latents.shape[-1]}/{context.shape[-1]}: the gates belong to another model"
             )
         device_type = latents.device.type  # "meta" (shape-only runs) has no autocast
-        autocast = torch.amp.is_autocast_available(device_type)
+        # A constant tuple, not torch.amp.is_autocast_available: torch.compile (2.11) cannot
+        # trace that builtin and would break the graph in every gated layer.
+        autocast = device_type in AUTOCAST_DEVICE_TYPES
         if autocast and torch.is_autocast_enabled(device_type):  # fp32 even inside autocast
             with torch.autocast(device_type, enabled=False):
                 return self._logits(latents, context)

@@ -39,6 +39,9 @@ class MaskAttnProcessor:
     def __init__(self, gates: GateSet, layer_name: str) -> None:
         self.gates = gates
         self.layer_name = layer_name
+        # Here, not in __call__: a registration inside the forward is a graph break for
+        # torch.compile (a cached function holding a lock) in every gated layer.
+        _register_cuda_kernel()
 
     def __call__(
         self,
@@ -133,8 +136,6 @@ class MaskAttnProcessor:
             return training_softmax(logits, gate_logits, threshold, self.gates.estimator)
         if self.gates.attention_impl == "reference" and not _exporting():
             return masked_softmax_reference(logits, gate_logits[:, None], threshold)
-        if logits.is_cuda:
-            _register_cuda_kernel()
         return masked_softmax_op(logits, gate_logits[:, None], threshold)
 
 
@@ -146,7 +147,7 @@ def _exporting() -> bool:
 
 @functools.cache
 def _register_cuda_kernel() -> bool:
-    """Route the op to the Triton kernel on CUDA (once; False when Triton is absent)."""
+    """Route the op to the Triton kernel on CUDA (once; False without Triton or CUDA)."""
     from maskattn_deploy.plugins.torch_kernel import register
 
     return register()
