@@ -72,20 +72,19 @@ import triton.language as tl
 
 logger = logging.getLogger(__name__)
 
-# Elements per thread the default tiling aims at (ROWS * BLOCK_T / (32 * num_warps)).
-ELEMENTS_PER_THREAD = 32
+# Elements per thread the default tiling aims at (ROWS * BLOCK_T / (32 * num_warps)): 16 gives
+# ROWS = 4 at t = 77, the fastest tiling on an H200 (benchmarks/2026-11-27-nvidia-h200-run2:
+# 24.1 us geomean against 37.8 us for ROWS = 8 and 85.9 us for ROWS = 64 at 4 warps).
+ELEMENTS_PER_THREAD = 16
 # Largest padded row the single-pass kernel handles (t <= 1024 keeps a row in registers).
 MAX_BLOCK_T = 1024
 KERNEL_NAME = "masked_softmax_kernel"
 # Architectures compiled in CI; any sm_75+ target Triton knows is accepted.
 SUPPORTED_ARCHS = (80, 86, 89, 90)
 MIN_ARCH = 75
-# (ROWS, num_warps) tilings the GPU check times at BLOCK_T = 128 (t = 77).
-TUNING_CANDIDATES = (
-    (2, 1), (4, 1), (8, 1), (16, 1), (32, 1),
-    (8, 2), (16, 2), (32, 2),
-    (16, 4), (64, 4),
-)  # fmt: skip
+# (ROWS, num_warps) tilings the GPU check times at BLOCK_T = 128 (t = 77), the best ones of
+# the 2026-11-27 H200 sweep first; (16, 1), (32, 1), (32, 2), (16, 4) and (64, 4) were slower.
+TUNING_CANDIDATES = ((4, 1), (2, 1), (8, 2), (8, 1), (16, 2))
 
 
 @triton.jit

@@ -263,15 +263,15 @@ def test_compile_variants_need_their_pair_to_fit_the_budget() -> None:
         echo=print,
     )  # fmt: skip
     variants = {v.name: v for v in gpu_check.VARIANTS}
-    compile_s = gpu_check.GPU_PLAN.estimate_s["compile"]  # 150 s before anything compiled
-    now[0] = 480.0 - 2 * compile_s + 1  # 299 s left: one compile fits, the pair does not
+    compile_s = gpu_check.GPU_PLAN.estimate_s["compile"]  # 130 s before anything compiled
+    now[0] = 480.0 - 2 * compile_s + 1  # 259 s left: one compile fits, the pair does not
     reason = gpu_check._variant_skip(variants["compile_unmasked"], ctx, kernel_ok=True)
-    assert reason == "budget: compile_unmasked needs ~300 s, 299 s of 480 s left"
+    assert reason == "budget: compile_unmasked needs ~260 s, 259 s of 480 s left"
     assert gpu_check._variant_skip(variants["eager_masked_kernel"], ctx, kernel_ok=True) is None
     assert gpu_check._variant_skip(variants["compile_masked_kernel"], ctx, True) is None
     ctx.compile_s = 300.0  # the first compile took 300 s: the next is expected to take ~330 s
     reason = gpu_check._variant_skip(variants["compile_masked_kernel"], ctx, True)
-    assert reason == "budget: compile_masked_kernel needs ~330 s, 299 s of 480 s left"
+    assert reason == "budget: compile_masked_kernel needs ~330 s, 259 s of 480 s left"
     ctx.kernel_path = "kernel unavailable: no triton"
     assert gpu_check._variant_skip(variants["eager_masked_kernel"], ctx, False) == ctx.kernel_path
     ctx.config = gpu_check.CheckConfig(skip_compile=True)

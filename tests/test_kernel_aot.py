@@ -72,10 +72,10 @@ def test_invalid_requests_are_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("t", "block_t", "rows"), [(1, 2, 512), (77, 128, 8), (154, 256, 4), (231, 256, 4)]
+    ("t", "block_t", "rows"), [(1, 2, 256), (77, 128, 4), (154, 256, 2), (231, 256, 2)]
 )
 def test_block_config(t: int, block_t: int, rows: int) -> None:
-    # One warp per program up to BLOCK_T 256, about 32 elements per thread.
+    # One warp per program up to BLOCK_T 256, about 16 elements per thread.
     assert mst.block_config(t) == (block_t, rows)
     assert mst.launch_config(block_t)[1] == 1
 
@@ -84,12 +84,12 @@ def test_launch_config_override_and_reset() -> None:
     mst.use_launch_config(16, 4)  # for BLOCK_T 128 only
     try:
         assert mst.launch_config(128) == (16, 4)
-        assert mst.launch_config(256) == (4, 1)
+        assert mst.launch_config(256) == (2, 1)
         _, _, meta = mst.compile_ptx("fp16", 90, block_t=128)
         assert (meta.rows_per_program, meta.num_warps) == (16, 4)
     finally:
         mst.use_launch_config(None)
-    assert mst.launch_config(128) == (8, 1)
+    assert mst.launch_config(128) == (4, 1)
     with pytest.raises(ValueError, match="power of two"):
         mst.use_launch_config(3, 1)
 

@@ -92,8 +92,8 @@ def build_cases() -> dict[str, dict]:
     big = (torch.rand(2, 2, 3, 77, generator=gen) * 2 - 1) * 6.0e4
     add("fp16-near-range", big.half(), _rand_gate((2, 1, 3, 77), gen))
     add("fp16-gate-fp16", S.half(), _rand_gate((2, 1, 3, 77), gen).half())
-    # 7 and 30 rows: not multiples of the rows per program (8 at t=77, 4 at t=154 by default;
-    # TILING_CASES also run every tiling in TUNING_CANDIDATES, 2 to 64 rows).
+    # 7 token rows, and 5 per (batch, head) slice: not multiples of the rows per program (4 at
+    # t=77, 2 at t=154 by default; TILING_CASES also run every tiling in TUNING_CANDIDATES).
     add(
         "rows-not-multiple-7",
         torch.randn(1, 1, 7, 77, generator=gen),
