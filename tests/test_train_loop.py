@@ -188,3 +188,13 @@ def test_relaxed_estimator_trains_through_the_recipe_key(tmp_path):
     assert result.complete and result.step == 2
     after = trainer.gates.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in after)  # the gates were updated
+
+
+def test_initial_gates_do_not_depend_on_the_model_cache(tmp_path, monkeypatch):
+    """Building the built-in model on first use draws from the global RNG; the run is seeded
+    after loading, so a cold and a warm model cache give the same initial gates."""
+    monkeypatch.setenv("MASKATTN_DEPLOY_CACHE", str(tmp_path / "cache"))  # cold: builds tiny
+    cold = Trainer(fast_config(), tmp_path / "cold").gates.state_dict()
+    warm = Trainer(fast_config(), tmp_path / "warm").gates.state_dict()  # loads the cache
+    assert cold.keys() == warm.keys()
+    assert all(torch.equal(cold[k], warm[k]) for k in cold)

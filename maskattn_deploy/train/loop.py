@@ -193,8 +193,10 @@ class Trainer:
         self.step = 0
         self.images_seen = 0
         resume_from = self._prepare_run_dir(resume)
-        self._seed_everything()
         self._load_model()
+        # After loading: building a built-in model on first use draws from the global RNG, so
+        # seeding first made a run's gates depend on whether the model cache existed.
+        self._seed_everything()
         self._install_gates(resume_from)
         self._build_data()
         self._build_eval_batch()
