@@ -43,7 +43,7 @@ Overrides are KEY=VALUE with KEY = section.name (or a unique name), typed by the
     "--model",
     "-m",
     default=None,
-    help="tiny | hub id | diffusers folder | .safetensors file (overrides the recipe).",
+    help="tiny | tiny-fitted | hub id | diffusers folder | .safetensors file (overrides the recipe).",
 )
 @click.option(
     "--data",

@@ -15,6 +15,22 @@ log = logging.getLogger(__name__)
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
+def _tiny_dir() -> Path:
+    from maskattn_deploy.models.tiny import tiny_pipeline_dir
+
+    return tiny_pipeline_dir()
+
+
+def _tiny_fitted_dir() -> Path:
+    from maskattn_deploy.models.tiny_fitted import tiny_fitted_pipeline_dir
+
+    return tiny_fitted_pipeline_dir()
+
+
+# Built-in models (no network): name -> cached pipeline folder, built on first use.
+BUILT_IN = {"tiny": _tiny_dir, "tiny-fitted": _tiny_fitted_dir}
+
+
 def load_pipeline(
     spec: str = "tiny",
     torch_dtype: torch.dtype = torch.float32,
@@ -23,19 +39,16 @@ def load_pipeline(
 ):  # -> StableDiffusionXLPipeline
     """Load an SDXL pipeline.
 
-    spec: ``tiny`` (built-in, no network), a local diffusers folder (with model_index.json),
+    spec: ``tiny`` or ``tiny-fitted`` (built-in, no network; see
+    :mod:`maskattn_deploy.models.tiny_fitted`), a local diffusers folder (with model_index.json),
     a single-file checkpoint (``.safetensors``; diffusers' single-file loader), or a hub id
     such as ``stabilityai/stable-diffusion-xl-base-1.0`` (needs network or the HF cache;
     HF_HUB_OFFLINE=1 is honoured).
     """
     from diffusers import StableDiffusionXLPipeline
 
-    if spec == "tiny":
-        from maskattn_deploy.models.tiny import tiny_pipeline_dir
-
-        pipe = StableDiffusionXLPipeline.from_pretrained(
-            tiny_pipeline_dir(), torch_dtype=torch_dtype
-        )
+    if spec in BUILT_IN:
+        pipe = StableDiffusionXLPipeline.from_pretrained(BUILT_IN[spec](), torch_dtype=torch_dtype)
     elif Path(spec).is_dir():
         pipe = _from_folder(Path(spec), torch_dtype, variant)
     elif spec.endswith(SINGLE_FILE_SUFFIXES):
