@@ -121,6 +121,15 @@ def test_dry_run_unet_ratios_are_positive(dry_run) -> None:
         assert (
             verdict[f"unet_ratio_{path}_kernel"] == unet["ratios"][f"{path}_kernel"]["ratio_paired"]
         )
+    # Where the time goes: one profiled step each (CPU ops on the dry run), masked has more.
+    profile = unet["profile"]
+    assert profile["status"] == "ok" and set(profile["variants"]) == set(gpu_check.PROFILED)
+    for p in profile["variants"].values():
+        assert p["clock"] == "cpu" and p["total_ms"] > 0 and 0 < len(p["kernels"]) <= 25
+        times = [r["self_us"] for r in p["kernels"]]
+        assert times == sorted(times, reverse=True)
+    calls = {n: p["calls"] for n, p in profile["variants"].items()}
+    assert calls["eager_masked_kernel"] > calls["eager_unmasked"]  # gate heads add ops
     # Judged on the compiled path when it ran; never on the dry run.
     assert verdict["unet_target_path"] == "compile" and verdict["unet_meets_target"] is None
     # Same gates, three softmax paths: fp32 kernel/SDPA vs the reference op differ by rounding.

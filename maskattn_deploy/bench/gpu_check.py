@@ -959,6 +959,8 @@ def unet_part(entry: dict[str, Any], ctx: RunContext) -> None:
     ctx.recorder.save()
     kernel_ok: bool | None = None
     for variant in VARIANTS:
+        if variant.compiled and "profile" not in entry:  # before compiles eat the budget
+            entry["profile"] = profile_part(unet, inputs, gates, ctx, kernel_ok)
         if variant.impl == "kernel" and kernel_ok is None:
             kernel_ok, ctx.kernel_path = register_kernel_path(ctx)
             entry["kernel_path"] = ctx.kernel_path
@@ -968,6 +970,59 @@ def unet_part(entry: dict[str, Any], ctx: RunContext) -> None:
     del unet, gates, inputs
     if ctx.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+PROFILED = ("eager_unmasked", "eager_masked_kernel")
+PROFILE_TOP = 25
+
+
+def profile_part(unet, inputs, gates, ctx: RunContext, kernel_ok: bool | None) -> dict[str, Any]:
+    """Where one step's time goes: the top kernels (device time; CPU ops on the dry run) of
+    the unmasked and the masked kernel-path step, from ``torch.profiler``."""
+    reason = ctx.budget.skip_reason("profile", 20.0)
+    if reason is not None or kernel_ok is False:
+        return {"status": "skipped", "reason": reason or ctx.kernel_path}
+    result: dict[str, Any] = {"status": "ok", "top": PROFILE_TOP, "variants": {}}
+    try:
+        for name in PROFILED:
+            variant = VARIANT_BY_NAME[name]
+            _configure(unet, gates, variant)
+            result["variants"][name] = profile_step(_step_fn(unet, inputs, variant, ctx), ctx)
+            ctx.echo(_profile_line(name, result["variants"][name]))
+    except Exception as exc:  # a profiler problem must not cost the compile variants
+        result.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    ctx.recorder.save()
+    return result
+
+
+def profile_step(step: Callable[[], Any], ctx: RunContext) -> dict[str, Any]:
+    """Profile one warm step; kernels by self device time (CPU: ops by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ctx.device.type == "cuda"
+    step()
+    ctx.timer.sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        ctx.timer.sync()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = [
+        {"name": e.key[:120], "calls": int(e.count), "self_us": float(getattr(e, key, 0.0))}
+        for e in prof.key_averages()
+    ]
+    rows = sorted((r for r in rows if r["self_us"] > 0), key=lambda r: -r["self_us"])
+    return {
+        "clock": "device" if cuda else "cpu",
+        "total_ms": sum(r["self_us"] for r in rows) / 1e3,
+        "calls": sum(r["calls"] for r in rows),
+        "kernels": rows[:PROFILE_TOP],
+    }
+
+
+def _profile_line(name: str, p: dict[str, Any]) -> str:
+    top = ", ".join(f"{r['name'][:40]} {r['self_us'] / 1e3:.2f} ms" for r in p["kernels"][:3])
+    return f"  profile {name}: {p['total_ms']:.2f} ms {p['clock']} time in {p['calls']} calls; top: {top}"
 
 
 def _shapes(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -1220,10 +1275,32 @@ def _unet_md(unet: dict[str, Any]) -> list[str]:
         for name, r in unet["ratios"].items():
             paired = _fmt(r.get("ratio_paired"), ".3f")
             lines.append(f"| {name} | {r['ratio_median']:.3f} | {r['ratio_min']:.3f} | {paired} |")
+    lines += _profile_md(unet.get("profile") or {})
     if unet.get("agreement"):
         lines.append("")
     for name, a in unet.get("agreement", {}).items():
         lines.append(f"- {name}: rel L2 {a['rel_l2']:.2e}, max abs {a['max_abs_diff']:.2e}")
+    return lines
+
+
+def _profile_md(profile: dict[str, Any]) -> list[str]:
+    if profile.get("status") != "ok":
+        return (
+            []
+            if not profile
+            else [
+                "",
+                f"Profile: {profile['status']} ({profile.get('reason') or profile.get('error')})",
+            ]
+        )
+    lines = []
+    for name, p in profile["variants"].items():
+        lines += ["", f"Profile of one `{name}` step: {p['total_ms']:.2f} ms of {p['clock']} time "
+                  f"in {p['calls']} calls; top {len(p['kernels'])} by self time:", "",
+                  "| kernel / op | calls | self ms |", "| --- | ---: | ---: |"]  # fmt: skip
+        for r in p["kernels"]:
+            name_cell = r["name"].replace("|", "\\|")
+            lines.append(f"| `{name_cell}` | {r['calls']} | {r['self_us'] / 1e3:.3f} |")
     return lines
 
 
