@@ -36,28 +36,30 @@ against a copy of the same bytes.
 
 The kernel
 ----------
-One program handles ``ROWS`` consecutive token rows of one ``(batch, head)`` slice of S, with
-``t`` padded to the power of two ``BLOCK_T`` and masked. Programs are numbered head-fastest
-(``pid = ((batch * blocks) + block) * heads + head``), so the ``h`` programs that read the same
-gate rows run next to each other and G comes from the L2 after the first of them. Each program
-splits its id with three scalar integer divisions; rows need only multiplies (an earlier
-version divided every row index in 64 bits, which cost more than the memory traffic). Per tile
-it loads G and S, forms the open set with the argmax fallback, takes the max and the sum of
-``exp`` over the open set in fp32, and stores ``exp * (1 / sum)`` where open and an exact ``0``
-elsewhere, so the output buffer's old contents never leak. A non-finite logit only touches its
-own row.
+One program handles ``ROWS`` consecutive token rows of ``HEADS`` consecutive heads of one
+batch, with ``t`` padded to the power of two ``BLOCK_T`` and masked. It loads the gate rows
+once, forms the open set with the argmax fallback once, then for each of its heads loads S,
+takes the max and the sum of ``exp`` over the open set in fp32, and stores ``exp * (1 / sum)``
+where open and an exact ``0`` elsewhere, so the output buffer's old contents never leak. A
+non-finite logit only touches its own row. Programs are numbered head-group fastest
+(``pid = ((batch * blocks) + block) * groups + group``), so programs that read the same gate
+rows run next to each other and G comes from the L2 after the first of them. Each program
+splits its id with scalar integer divisions; rows need only multiplies (an earlier version
+divided every row index in 64 bits, which cost more than the memory traffic).
 
-The tiling (``ROWS``, ``num_warps``) is a launch parameter: :func:`launch_config` gives the
-default, the GPU check (``maskattn-deploy selftest --gpu``) times the candidates in
-:data:`TUNING_CANDIDATES` and reports the fastest. With ``BLOCK_T >= 32 * num_warps`` Triton
+The tiling (``ROWS``, ``num_warps``, ``HEADS``) is a launch parameter: :func:`launch_config`
+gives the default, the GPU check (``maskattn-deploy selftest --gpu``) times the candidates in
+:data:`TUNING_CANDIDATES` and applies the fastest. With ``BLOCK_T >= 32 * num_warps`` Triton
 spreads a row over several warps and every row reduction goes through shared memory, so one
-warp per program is the default for the text lengths of SDXL.
+warp per program is the default for the text lengths of SDXL. ``HEADS > 1`` shares the gate
+work between heads and gives each warp several independent S loads in flight; it is not the
+default until a GPU run has measured it.
 
 The kernel's runtime arguments follow the calling convention of TensorRT's AOT Python
 plugins: input pointers, then int32 scalars, then output pointers
 (``S, G, n_rows, heads, n_tokens, t, P``). ``THRESHOLD``, ``BLOCK_T`` and ``ROWS`` are
 compile-time constants; TensorRT does not serialize plugin attributes for AOT kernels, so the
-threshold is baked into the PTX. The grid is ``b * h * cdiv(n, ROWS)`` programs
+threshold is baked into the PTX. The grid is ``b * cdiv(h, HEADS) * cdiv(n, ROWS)`` programs
 (:meth:`LaunchMetadata.grid_x`).
 """
 
@@ -82,9 +84,13 @@ KERNEL_NAME = "masked_softmax_kernel"
 # Architectures compiled in CI; any sm_75+ target Triton knows is accepted.
 SUPPORTED_ARCHS = (80, 86, 89, 90)
 MIN_ARCH = 75
-# (ROWS, num_warps) tilings the GPU check times at BLOCK_T = 128 (t = 77), the best ones of
-# the 2026-11-27 H200 sweep first; (16, 1), (32, 1), (32, 2), (16, 4) and (64, 4) were slower.
-TUNING_CANDIDATES = ((4, 1), (2, 1), (8, 2), (8, 1), (16, 2))
+# (ROWS, num_warps, HEADS) tilings the GPU check times at BLOCK_T = 128 (t = 77): the best
+# ones of the 2026-11-27 H200 sweep ((16, 1), (32, 1), (32, 2), (16, 4) and (64, 4) were
+# slower), then head groups, not measured yet.
+TUNING_CANDIDATES = (
+    (4, 1, 1), (2, 1, 1), (8, 2, 1), (8, 1, 1),
+    (4, 1, 2), (2, 1, 4), (4, 1, 5), (2, 1, 10),
+)  # fmt: skip
 
 
 @triton.jit
@@ -99,26 +105,25 @@ def masked_softmax_kernel(
     THRESHOLD: tl.constexpr,
     BLOCK_T: tl.constexpr,
     ROWS: tl.constexpr,
+    HEADS: tl.constexpr = 1,
 ):
-    # Program id -> (batch, block of token rows, head), head fastest; scalar divisions only.
+    # Program id -> (batch, block of token rows, group of HEADS heads), group fastest; scalar
+    # divisions only.
     pid = tl.program_id(0)
     blocks = tl.cdiv(n_tokens, ROWS)
-    head = pid % heads
-    rest = pid // heads
+    groups = tl.cdiv(heads, HEADS)
+    group = pid % groups
+    rest = pid // groups
     block = rest % blocks
     batch = rest // blocks
     tokens = block * ROWS + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_T)  # [BLOCK_T]
     ok = (tokens < n_tokens)[:, None] & (cols < t)[None, :]  # [ROWS, BLOCK_T]
 
-    # 64-bit row starts so b*h*n*t may exceed 2**31; the gate row drops the head.
-    s_rows = (batch.to(tl.int64) * heads + head) * n_tokens + tokens
-    g_rows = batch.to(tl.int64) * n_tokens + tokens
-    s_offs = s_rows[:, None] * t + cols[None, :]
+    # The open set of these token rows, once for all heads (G has no head axis).
+    g_rows = batch.to(tl.int64) * n_tokens + tokens  # 64-bit: b*h*n*t may exceed 2**31
     g = tl.load(g_ptr + (g_rows[:, None] * t + cols[None, :]), mask=ok, other=float("-inf"))
-    s = tl.load(s_ptr + s_offs, mask=ok, other=0.0).to(tl.float32)
     g = g.to(tl.float32)
-
     is_open = (g > THRESHOLD) & ok
     any_open = tl.max(is_open.to(tl.int32), axis=1) > 0  # [ROWS]
     # Fallback: the first column holding the row maximum of g (lowest index on ties).
@@ -127,12 +132,18 @@ def masked_softmax_kernel(
     fallback = cols[None, :] == first_max[:, None]
     keep = tl.where(any_open[:, None], is_open, fallback) & ok
 
-    s = tl.where(keep, s, float("-inf"))
-    s_max = tl.max(s, axis=1)
-    e = tl.where(keep, tl.exp(s - s_max[:, None]), 0.0)
-    inv = 1.0 / tl.sum(e, axis=1)
-    p = tl.where(keep, e * inv[:, None], 0.0)
-    tl.store(p_ptr + s_offs, p.to(p_ptr.dtype.element_ty), mask=ok)
+    for i in tl.static_range(HEADS):  # unrolled: the heads' S loads are independent
+        head = group * HEADS + i
+        live = ok & ((tokens * 0 + head) < heads)[:, None]  # a tensor mask (last group)
+        s_rows = (batch.to(tl.int64) * heads + head) * n_tokens + tokens
+        s_offs = s_rows[:, None] * t + cols[None, :]
+        s = tl.load(s_ptr + s_offs, mask=live, other=0.0).to(tl.float32)
+        s = tl.where(keep, s, float("-inf"))
+        s_max = tl.max(s, axis=1)
+        e = tl.where(keep, tl.exp(s - s_max[:, None]), 0.0)
+        inv = 1.0 / tl.sum(e, axis=1)
+        p = tl.where(keep, e * inv[:, None], 0.0)
+        tl.store(p_ptr + s_offs, p.to(p_ptr.dtype.element_ty), mask=live)
 
 
 def padded_t(t: int) -> int:
@@ -145,35 +156,47 @@ def padded_t(t: int) -> int:
     return block_t
 
 
-_overrides: dict[int, tuple[int, int]] = {}
+Tiling = tuple[int, int, int]  # (ROWS, num_warps, HEADS)
+_overrides: dict[int, Tiling] = {}
+MAX_HEADS_PER_PROGRAM = 32
 
 
-def launch_config(block_t: int) -> tuple[int, int]:
-    """``(ROWS, num_warps)`` for padded rows of ``block_t``.
+def launch_config(block_t: int) -> Tiling:
+    """``(ROWS, num_warps, HEADS)`` for padded rows of ``block_t``.
 
     One warp per program up to ``BLOCK_T = 256`` (a row's reductions stay inside the warp),
-    four above; ``ROWS`` gives each thread about :data:`ELEMENTS_PER_THREAD` elements.
-    :func:`use_launch_config` overrides it per ``block_t`` (the GPU check applies its tuning).
+    four above; ``ROWS`` gives each thread about :data:`ELEMENTS_PER_THREAD` elements; one
+    head per program. :func:`use_launch_config` overrides it per ``block_t`` (the GPU check
+    applies its tuning).
     """
     if block_t in _overrides:
         return _overrides[block_t]
     num_warps = 1 if block_t <= 256 else 4
-    return max(1, ELEMENTS_PER_THREAD * 32 * num_warps // block_t), num_warps
+    return max(1, ELEMENTS_PER_THREAD * 32 * num_warps // block_t), num_warps, 1
 
 
-def use_launch_config(rows: int | None, num_warps: int = 1, block_t: int = 128) -> None:
-    """Use ``(rows, num_warps)`` for later launches with ``block_t`` in this process.
+def use_launch_config(
+    rows: int | None, num_warps: int = 1, heads: int = 1, block_t: int = 128
+) -> None:
+    """Use ``(rows, num_warps, heads)`` for later launches with ``block_t`` in this process.
 
     ``rows=None`` goes back to the default tiling.
     """
     if rows is None:
         _overrides.pop(block_t, None)
         return
+    _check_tiling((rows, num_warps, heads))
+    _overrides[block_t] = (rows, num_warps, heads)
+
+
+def _check_tiling(tiling: Tiling) -> None:
+    rows, num_warps, heads = tiling
     if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8):
         raise ValueError(
             f"rows must be a power of two and num_warps 1/2/4/8, got {rows}/{num_warps}"
         )
-    _overrides[block_t] = (rows, num_warps)
+    if not 1 <= heads <= MAX_HEADS_PER_PROGRAM:
+        raise ValueError(f"heads per program must be 1..{MAX_HEADS_PER_PROGRAM}, got {heads}")
 
 
 def block_config(t: int) -> tuple[int, int]:
@@ -187,13 +210,13 @@ def masked_softmax_triton(
     G: Any,
     threshold: float = 0.0,
     out: Any = None,
-    tiling: tuple[int, int] | None = None,
+    tiling: Tiling | None = None,
 ) -> Any:
     """Launch the kernel on torch tensors ``S [b,h,n,t]``, ``G [b,1,n,t]``; returns ``P``.
 
     Works on CUDA tensors (a normal Triton launch) and on CPU tensors under
     ``TRITON_INTERPRET=1``. ``out`` may be a preallocated (possibly dirty) buffer like ``S``.
-    ``tiling`` is ``(ROWS, num_warps)``; by default :func:`launch_config`.
+    ``tiling`` is ``(ROWS, num_warps, HEADS)``; by default :func:`launch_config`.
     """
     from maskattn_deploy.ops.reference import check_shapes
 
@@ -213,11 +236,14 @@ def masked_softmax_triton(
     if n_rows == 0:
         return out
     block_t = padded_t(t)
-    rows, num_warps = tiling or launch_config(block_t)
-    grid = (b * h * triton.cdiv(n, rows),)
+    if tiling is not None:
+        _check_tiling(tiling)
+    rows, num_warps, heads = tiling or launch_config(block_t)
+    grid = (b * triton.cdiv(h, heads) * triton.cdiv(n, rows),)
     masked_softmax_kernel[grid](
         S, G, n_rows, h, n, t, out,
-        THRESHOLD=float(threshold), BLOCK_T=block_t, ROWS=rows, num_warps=num_warps,
+        THRESHOLD=float(threshold), BLOCK_T=block_t, ROWS=rows, HEADS=heads,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -230,6 +256,7 @@ class LaunchMetadata:
     shared_mem: int
     block_t: int
     rows_per_program: int
+    heads_per_program: int
     threshold: float
     arch: int
     dtype: str
@@ -238,9 +265,10 @@ class LaunchMetadata:
     def block_x(self) -> int:
         return self.num_warps * 32
 
-    def grid_x(self, slices: int, n_tokens: int) -> int:
-        """Programs for ``slices = b * h`` slices of ``n_tokens`` rows each."""
-        return slices * triton.cdiv(n_tokens, self.rows_per_program)
+    def grid_x(self, batch: int, heads: int, n_tokens: int) -> int:
+        """Programs for S ``[batch, heads, n_tokens, t]``."""
+        groups = triton.cdiv(heads, self.heads_per_program)
+        return batch * groups * triton.cdiv(n_tokens, self.rows_per_program)
 
 
 _PTR_TYPES = {"fp16": ("*fp16", "*fp32"), "fp32": ("*fp32", "*fp32")}
@@ -270,6 +298,7 @@ def compile_ptx(
     threshold: float = 0.0,
     rows_per_program: int | None = None,
     num_warps: int | None = None,
+    heads_per_program: int | None = None,
     gate_dtype: str | None = None,
     ptx_version: int | None = None,
 ) -> tuple[str, str, LaunchMetadata]:
@@ -290,13 +319,20 @@ def compile_ptx(
         )
     if block_t < 2 or block_t & (block_t - 1) or block_t > MAX_BLOCK_T:
         raise ValueError(f"block_t must be a power of two in [2, {MAX_BLOCK_T}], got {block_t}")
-    default_rows, default_warps = launch_config(block_t)
+    default_rows, default_warps, default_heads = launch_config(block_t)
     rows = rows_per_program or default_rows
     num_warps = num_warps or default_warps
+    heads = heads_per_program or default_heads
+    _check_tiling((rows, num_warps, heads))
     src = ASTSource(
         fn=masked_softmax_kernel,
         signature=kernel_signature(dtype, gate_dtype),
-        constexprs={"THRESHOLD": float(threshold), "BLOCK_T": block_t, "ROWS": rows},
+        constexprs={
+            "THRESHOLD": float(threshold),
+            "BLOCK_T": block_t,
+            "ROWS": rows,
+            "HEADS": heads,
+        },  # fmt: skip
     )
     target = GPUTarget("cuda", arch, 32)
     options: dict[str, Any] = {"num_warps": num_warps}
@@ -310,6 +346,7 @@ def compile_ptx(
         shared_mem=meta.shared,
         block_t=block_t,
         rows_per_program=rows,
+        heads_per_program=heads,
         threshold=float(threshold),
         arch=arch,
         dtype=dtype,

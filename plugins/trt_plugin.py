@@ -126,8 +126,9 @@ def _aot_launch(trt, trtp, s, g, threshold: float):
     )
     n_rows = b * h * n
     params = trtp.KernelLaunchParams()
-    # One program per ROWS token rows of each (batch, head) slice (LaunchMetadata.grid_x).
-    params.grid_x = b * h * trtp.cdiv(n, meta.rows_per_program)
+    # One program per ROWS token rows of HEADS heads of one batch (LaunchMetadata.grid_x).
+    groups = trtp.cdiv(h, meta.heads_per_program)
+    params.grid_x = b * groups * trtp.cdiv(n, meta.rows_per_program)
     params.block_x = meta.block_x
     params.shared_mem = meta.shared_mem
     # Scalar kernel arguments in kernel order (after S and G, before P): n_rows, heads, n, t.

@@ -87,7 +87,8 @@ def test_dry_run_kernel_correctness_all_pass(dry_run) -> None:
     assert tuning["status"] == "ok" and len(tuning["candidates"]) == 2
     assert all(c["correct"] and c["geomean_us"] > 0 for c in tuning["candidates"])
     fastest = min(tuning["candidates"], key=lambda c: c["geomean_us"])
-    assert tuning["chosen"] == kernel["tiling"] == [fastest["rows"], fastest["num_warps"]]
+    chosen = [fastest["rows"], fastest["num_warps"], fastest["heads"]]
+    assert tuning["chosen"] == kernel["tiling"] == chosen
 
 
 @pytest.mark.slow

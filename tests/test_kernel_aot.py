@@ -44,10 +44,11 @@ def test_ptx_for_each_arch(arch: int, dtype: str) -> None:
     assert all(p == "u64" for p in params[len(USER_PARAMS) :])
     # fp16 logits are widened to fp32 for the max/exp/sum, fp32 ones need no conversion.
     assert ("cvt.f32.f16" in ptx) == (dtype == "fp16")
-    rows, warps = mst.launch_config(128)
+    rows, warps, heads = mst.launch_config(128)
     assert (meta.block_x, meta.block_t, meta.rows_per_program) == (warps * 32, 128, rows)
-    # 3 slices (b*h) of 30 token rows; each slice needs ceil(30 / rows) programs.
-    assert meta.grid_x(3, 30) == 3 * -(-30 // rows)
+    assert meta.heads_per_program == heads == 1
+    # S [2, 3, 30, t]: 2 batches x 3 head groups x ceil(30 / rows) token blocks.
+    assert meta.grid_x(2, 3, 30) == 2 * 3 * -(-30 // rows)
 
 
 def test_threshold_is_baked_into_the_ptx() -> None:
@@ -77,21 +78,25 @@ def test_invalid_requests_are_refused() -> None:
 def test_block_config(t: int, block_t: int, rows: int) -> None:
     # One warp per program up to BLOCK_T 256, about 16 elements per thread.
     assert mst.block_config(t) == (block_t, rows)
-    assert mst.launch_config(block_t)[1] == 1
+    assert mst.launch_config(block_t)[1:] == (1, 1)
 
 
 def test_launch_config_override_and_reset() -> None:
-    mst.use_launch_config(16, 4)  # for BLOCK_T 128 only
+    mst.use_launch_config(16, 4, 5)  # for BLOCK_T 128 only
     try:
-        assert mst.launch_config(128) == (16, 4)
-        assert mst.launch_config(256) == (2, 1)
+        assert mst.launch_config(128) == (16, 4, 5)
+        assert mst.launch_config(256) == (2, 1, 1)
         _, _, meta = mst.compile_ptx("fp16", 90, block_t=128)
-        assert (meta.rows_per_program, meta.num_warps) == (16, 4)
+        assert (meta.rows_per_program, meta.num_warps, meta.heads_per_program) == (16, 4, 5)
+        # 20 heads in groups of 5 -> 4 groups; 1024 tokens in blocks of 16 -> 64 blocks.
+        assert meta.grid_x(2, 20, 1024) == 2 * 4 * 64
     finally:
         mst.use_launch_config(None)
-    assert mst.launch_config(128) == (4, 1)
+    assert mst.launch_config(128) == (4, 1, 1)
     with pytest.raises(ValueError, match="power of two"):
         mst.use_launch_config(3, 1)
+    with pytest.raises(ValueError, match="heads per program"):
+        mst.use_launch_config(4, 1, 0)
 
 
 def test_rows_are_split_without_64_bit_division() -> None:
@@ -100,3 +105,16 @@ def test_rows_are_split_without_64_bit_division() -> None:
     ptx, _, _ = mst.compile_ptx("fp16", 90, block_t=128)
     assert "div.s64" not in ptx and "rem.s64" not in ptx
     assert "bar.sync" not in ptx  # one warp per row: reductions never go through shared memory
+
+
+@pytest.mark.parametrize("tiling", mst.TUNING_CANDIDATES)
+def test_every_candidate_tiling_compiles_for_sm90(tiling: tuple[int, int, int]) -> None:
+    rows, warps, heads = tiling
+    ptx, name, meta = mst.compile_ptx(
+        "fp16", 90, block_t=128, rows_per_program=rows, num_warps=warps, heads_per_program=heads
+    )
+    assert f".entry {name}(" in ptx
+    assert (meta.rows_per_program, meta.num_warps, meta.heads_per_program) == tiling
+    # Each head of the group stores its own probabilities: HEADS times the stores of one head.
+    one, _, _ = mst.compile_ptx("fp16", 90, block_t=128, rows_per_program=rows, num_warps=warps)
+    assert ptx.count("st.global") == heads * one.count("st.global")

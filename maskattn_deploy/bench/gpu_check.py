@@ -6,7 +6,7 @@ construction) and writes what it has after every step (``results.json`` + ``resu
 atomically), so a run cut short still leaves data. Parts, in order:
 
 1. ``environment``: card, driver, CUDA, torch/triton/diffusers versions, SMs, memory.
-2. ``kernel``: first a tiling sweep (each ``(ROWS, num_warps)`` of the kernel's
+2. ``kernel``: first a tiling sweep (each ``(ROWS, num_warps, HEADS)`` of the kernel's
    ``TUNING_CANDIDATES``, checked on the t = 77 cases and timed; the fastest correct one is
    applied for the rest of the run), then the Triton kernel against the reference oracle on
    every case of DESIGN section 3 (exact zero pattern, max abs diff within fp32 1e-6 / fp16
@@ -660,7 +660,7 @@ def copy_ceiling(device: torch.device, plan: Plan, timer: Timer) -> dict[str, An
 
 
 def tune_tiling(ctx: RunContext) -> dict[str, Any]:
-    """Time each candidate tiling (ROWS, num_warps) of the kernel at t = 77 and keep the fastest.
+    """Time each candidate tiling (ROWS, num_warps, HEADS) at t = 77 and keep the fastest.
 
     A candidate counts only if it passes every t = 77 correctness case. The winner is applied
     with ``use_launch_config`` for the rest of the run (kernel timings and the UNet); the
@@ -686,10 +686,11 @@ def tune_tiling(ctx: RunContext) -> dict[str, Any]:
         finally:
             kernel.use_launch_config(None)
         geo = math.exp(statistics.fmean(math.log(v) for v in times.values()))
-        row = {"rows": tiling[0], "num_warps": tiling[1], "correct": correct["all_pass"],
+        row = {"rows": tiling[0], "num_warps": tiling[1], "heads": tiling[2],
+               "correct": correct["all_pass"],
                "failed": correct["failed"], "median_us": times, "geomean_us": geo}  # fmt: skip
         rows.append(row)
-        ctx.echo(f"  tiling rows={tiling[0]:<3} warps={tiling[1]}: geomean {geo:.2f} us "
+        ctx.echo(f"  tiling rows={tiling[0]:<3} warps={tiling[1]} heads={tiling[2]:<2}: geomean {geo:.2f} us "
                  f"({'ok' if row['correct'] else 'WRONG: ' + ', '.join(row['failed'])})")  # fmt: skip
     good = [r for r in rows if r["correct"]]
     result: dict[str, Any] = {
@@ -698,9 +699,10 @@ def tune_tiling(ctx: RunContext) -> dict[str, Any]:
     }  # fmt: skip
     if good:
         best = min(good, key=lambda r: r["geomean_us"])
-        kernel.use_launch_config(best["rows"], best["num_warps"])
-        result["chosen"] = [best["rows"], best["num_warps"]]
-        ctx.echo(f"  tiling chosen: rows={best['rows']} warps={best['num_warps']}")
+        kernel.use_launch_config(best["rows"], best["num_warps"], best["heads"])
+        result["chosen"] = [best["rows"], best["num_warps"], best["heads"]]
+        ctx.echo(f"  tiling chosen: rows={best['rows']} warps={best['num_warps']} "
+                 f"heads={best['heads']}")  # fmt: skip
     return result
 
 
@@ -1225,13 +1227,13 @@ def _kernel_md(kernel: dict[str, Any]) -> list[str]:
     tuning = kernel.get("tuning") or {}
     if tuning.get("candidates"):
         keys = list(tuning["candidates"][0]["median_us"])
-        lines += ["", f"Tiling (ROWS, num_warps) at t = 77, median us per call; default "
+        lines += ["", f"Tiling (ROWS, num_warps, HEADS) at t = 77, median us per call; default "
                   f"{tuning['default']}, chosen {tuning.get('chosen')} ({tuning['criterion']}):",
-                  "", "| rows | warps | correct | " + " | ".join(keys) + " | geomean |",
-                  "| ---: | ---: | --- |" + " ---: |" * (len(keys) + 1)]  # fmt: skip
+                  "", "| rows | warps | heads | correct | " + " | ".join(keys) + " | geomean |",
+                  "| ---: | ---: | ---: | --- |" + " ---: |" * (len(keys) + 1)]  # fmt: skip
         for c in tuning["candidates"]:
             cells = " | ".join(f"{c['median_us'][k]:.2f}" for k in keys)
-            lines.append(f"| {c['rows']} | {c['num_warps']} | {c['correct']} | {cells} | "
+            lines.append(f"| {c['rows']} | {c['num_warps']} | {c.get('heads', 1)} | {c['correct']} | {cells} | "
                          f"{c['geomean_us']:.2f} |")  # fmt: skip
         lines.append("")
     if kernel.get("copy_ceiling"):
