@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -143,17 +145,23 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionXLPipeline
     )
 
 
-def tiny_pipeline_dir() -> Path:
-    """The on-disk cache of the tiny pipeline, built on first use (atomic)."""
+def cached_pipeline_dir(name: str, build: Callable[[], Any]) -> Path:
+    """``cache_root() / name``, holding ``build()`` saved as a diffusers folder (built once,
+    atomically: an interrupted build leaves nothing half-written)."""
     from maskattn_deploy.utils import atomic_dir
 
-    target = cache_root() / TINY_VERSION
+    target = cache_root() / name
     if (target / "model_index.json").is_file():
         return target
-    log.info("building the tiny model into %s", target)
+    log.info("building %s into %s", name, target)
     with atomic_dir(target, overwrite=True) as tmp:
-        build_tiny_pipeline().save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
     return target
+
+
+def tiny_pipeline_dir() -> Path:
+    """The on-disk cache of the tiny pipeline, built on first use."""
+    return cached_pipeline_dir(TINY_VERSION, build_tiny_pipeline)
 
 
 def tiny_default_gates_dir(seed: int = 1234) -> Path:

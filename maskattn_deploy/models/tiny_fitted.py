@@ -110,14 +110,8 @@ def build_tiny_fitted_pipeline(path: Path = ASSET, sha256: str | None = ASSET_SH
 
 
 def tiny_fitted_pipeline_dir() -> Path:
-    """The on-disk cache of the ``tiny-fitted`` pipeline, built on first use (atomic)."""
-    from maskattn_deploy.models.tiny import TINY_VERSION, cache_root
-    from maskattn_deploy.utils import atomic_dir
+    """The on-disk cache of the ``tiny-fitted`` pipeline (keyed by the file's hash)."""
+    from maskattn_deploy.models.tiny import TINY_VERSION, cached_pipeline_dir
 
-    target = cache_root() / f"{TINY_VERSION}-fitted-{ASSET_SHA256[:12]}"
-    if (target / "model_index.json").is_file():
-        return target
-    log.info("building the tiny-fitted model into %s", target)
-    with atomic_dir(target, overwrite=True) as tmp:
-        build_tiny_fitted_pipeline().save_pretrained(tmp, safe_serialization=True)
-    return target
+    name = f"{TINY_VERSION}-fitted-{ASSET_SHA256[:12]}"
+    return cached_pipeline_dir(name, build_tiny_fitted_pipeline)
