@@ -319,6 +319,8 @@ def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
     import torch._dynamo as dynamo
     from maskattn_deploy.plugins import torch_kernel
 
+    from maskattn_deploy.gating import processor
+
     unet = build_tiny_unet().eval()
     gates = install_gates(unet, GateConfig(stage="mid"))
     randomize(gates)
@@ -328,6 +330,8 @@ def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
     def forbidden() -> bool:
         raise AssertionError("kernel registration inside the forward")
 
+    # Forget the cached registration, so any call from the forward reaches `forbidden`.
+    processor._register_cuda_kernel.cache_clear()
     monkeypatch.setattr(torch_kernel, "register", forbidden)
 
     def step(**kw):
@@ -339,5 +343,6 @@ def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
         explained = dynamo.explain(step)(**feed)
     finally:
         dynamo.reset()
+        processor._register_cuda_kernel.cache_clear()  # later installs register for real
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
     assert explained.graph_count == 1
