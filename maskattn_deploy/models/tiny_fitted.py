@@ -23,7 +23,6 @@ built pipeline is cached on disk like ``tiny`` (keyed by the file's hash).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import ModelLoadError
+from maskattn_deploy.utils import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,6 @@ VAE_KEYS = (
 )  # fmt: skip
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_asset(path: Path = ASSET, sha256: str | None = ASSET_SHA256) -> dict[str, torch.Tensor]:
     """The asset's tensors; a missing, truncated or altered file is a clear error."""
     from safetensors import SafetensorError
@@ -59,7 +51,7 @@ def read_asset(path: Path = ASSET, sha256: str | None = ASSET_SHA256) -> dict[st
     fix = "reinstall maskattn-deploy, or rebuild the file with scripts/fit_tiny_backbone.py"
     if not path.is_file():
         raise ModelLoadError(f"the tiny-fitted weights are missing ({path}): {fix}")
-    if sha256 is not None and _sha256(path) != sha256:
+    if sha256 is not None and sha256_file(path) != sha256:
         raise ModelLoadError(f"{path} is corrupt or truncated (SHA-256 mismatch): {fix}")
     try:
         return load_file(path)
@@ -98,7 +90,7 @@ def write_asset(pipe: Any, path: Path, metadata: dict[str, str]) -> str:
     tensors.update({f"vae.{k}": vae[k].detach().float().contiguous() for k in VAE_KEYS})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, **metadata})
-    return _sha256(path)
+    return sha256_file(path)
 
 
 def build_tiny_fitted_pipeline(path: Path = ASSET, sha256: str | None = ASSET_SHA256):
