@@ -57,8 +57,8 @@ default until a GPU run has measured it.
 
 The kernel's runtime arguments follow the calling convention of TensorRT's AOT Python
 plugins: input pointers, then int32 scalars, then output pointers
-(``S, G, n_rows, heads, n_tokens, t, P``). ``THRESHOLD``, ``BLOCK_T`` and ``ROWS`` are
-compile-time constants; TensorRT does not serialize plugin attributes for AOT kernels, so the
+(``S, G, n_rows, heads, n_tokens, t, P``). ``THRESHOLD``, ``BLOCK_T``, ``ROWS`` and ``HEADS``
+are compile-time constants; TensorRT does not serialize plugin attributes for AOT kernels, so the
 threshold is baked into the PTX. The grid is ``b * cdiv(h, HEADS) * cdiv(n, ROWS)`` programs
 (:meth:`LaunchMetadata.grid_x`).
 """
@@ -199,10 +199,9 @@ def _check_tiling(tiling: Tiling) -> None:
         raise ValueError(f"heads per program must be 1..{MAX_HEADS_PER_PROGRAM}, got {heads}")
 
 
-def block_config(t: int) -> tuple[int, int]:
-    """``(BLOCK_T, ROWS)`` for rows of length ``t`` with the default tiling."""
-    block_t = padded_t(t)
-    return block_t, launch_config(block_t)[0]
+def grid_programs(batch: int, heads: int, n_tokens: int, rows: int, heads_per_program: int) -> int:
+    """Programs for S ``[batch, heads, n_tokens, t]``: the kernel's split of its program id."""
+    return batch * triton.cdiv(heads, heads_per_program) * triton.cdiv(n_tokens, rows)
 
 
 def masked_softmax_triton(
@@ -239,7 +238,7 @@ def masked_softmax_triton(
     if tiling is not None:
         _check_tiling(tiling)
     rows, num_warps, heads = tiling or launch_config(block_t)
-    grid = (b * triton.cdiv(h, heads) * triton.cdiv(n, rows),)
+    grid = (grid_programs(b, h, n, rows, heads),)
     masked_softmax_kernel[grid](
         S, G, n_rows, h, n, t, out,
         THRESHOLD=float(threshold), BLOCK_T=block_t, ROWS=rows, HEADS=heads,
@@ -267,8 +266,7 @@ class LaunchMetadata:
 
     def grid_x(self, batch: int, heads: int, n_tokens: int) -> int:
         """Programs for S ``[batch, heads, n_tokens, t]``."""
-        groups = triton.cdiv(heads, self.heads_per_program)
-        return batch * groups * triton.cdiv(n_tokens, self.rows_per_program)
+        return grid_programs(batch, heads, n_tokens, self.rows_per_program, self.heads_per_program)
 
 
 _PTR_TYPES = {"fp16": ("*fp16", "*fp32"), "fp32": ("*fp32", "*fp32")}

@@ -75,10 +75,10 @@ def test_invalid_requests_are_refused() -> None:
 @pytest.mark.parametrize(
     ("t", "block_t", "rows"), [(1, 2, 256), (77, 128, 4), (154, 256, 2), (231, 256, 2)]
 )
-def test_block_config(t: int, block_t: int, rows: int) -> None:
+def test_padding_and_default_tiling(t: int, block_t: int, rows: int) -> None:
     # One warp per program up to BLOCK_T 256, about 16 elements per thread.
-    assert mst.block_config(t) == (block_t, rows)
-    assert mst.launch_config(block_t)[1:] == (1, 1)
+    assert mst.padded_t(t) == block_t
+    assert mst.launch_config(block_t) == (rows, 1, 1)
 
 
 def test_launch_config_override_and_reset() -> None:
