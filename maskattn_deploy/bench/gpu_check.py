@@ -690,8 +690,9 @@ def tune_tiling(ctx: RunContext) -> dict[str, Any]:
                "correct": correct["all_pass"],
                "failed": correct["failed"], "median_us": times, "geomean_us": geo}  # fmt: skip
         rows.append(row)
-        ctx.echo(f"  tiling rows={tiling[0]:<3} warps={tiling[1]} heads={tiling[2]:<2}: geomean {geo:.2f} us "
-                 f"({'ok' if row['correct'] else 'WRONG: ' + ', '.join(row['failed'])})")  # fmt: skip
+        outcome = "ok" if row["correct"] else "WRONG: " + ", ".join(row["failed"])
+        ctx.echo(f"  tiling rows={tiling[0]:<3} warps={tiling[1]} heads={tiling[2]:<2}: "
+                 f"geomean {geo:.2f} us ({outcome})")  # fmt: skip
     good = [r for r in rows if r["correct"]]
     result: dict[str, Any] = {
         "status": "ok", "default": list(kernel.launch_config(128)), "candidates": rows,
@@ -887,10 +888,9 @@ def _graphed(step: Callable[[], torch.Tensor], device: torch.device):
 
 
 def time_variant(
-    unet: torch.nn.Module, inputs: dict[str, Any], variant: Variant, ctx: RunContext
+    step: Callable[[], torch.Tensor], variant: Variant, ctx: RunContext
 ) -> dict[str, Any]:
-    """Warm up (compiles when compiled), then time steps; peak memory on CUDA."""
-    step = _step_fn(unet, inputs, variant, ctx)
+    """Warm up ``step`` (compiles when compiled), then time it; peak memory on CUDA."""
     cuda = ctx.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(ctx.device)
@@ -1052,14 +1052,15 @@ def _run_variant(unet, inputs, gates, variant: Variant, entry, ctx: RunContext, 
         return
     _configure(unet, gates, variant)
     try:
-        row = {"status": "ok", **asdict(variant), **time_variant(unet, inputs, variant, ctx)}
+        step = _step_fn(unet, inputs, variant, ctx)  # built (compiled, captured) once
+        row = {"status": "ok", **asdict(variant), **time_variant(step, variant, ctx)}
         if variant.compiled:
             ctx.compile_s = max(ctx.compile_s, row["first_call_s"])
         if variant.name == "eager_masked_reference":
-            row["open_fraction"] = _open_fraction(unet, inputs, gates, variant, ctx)
+            row["open_fraction"] = _open_fraction(gates, step)
         partner = PARTNER.get(variant.name)
         if not variant.compiled and partner and _ok(entry, partner):
-            row["paired"] = paired_ratio(unet, inputs, gates, variant, ctx)
+            row["paired"] = paired_ratio(unet, inputs, gates, variant, step, ctx)
     except Exception as exc:  # e.g. a compile failure: record it, keep the other variants
         row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}",
                "traceback": traceback.format_exc()[-3000:]}  # fmt: skip
@@ -1075,13 +1076,13 @@ def _ok(entry: dict[str, Any], variant_name: str) -> bool:
     return entry["variants"].get(variant_name, {}).get("status") == "ok"
 
 
-def paired_ratio(unet, inputs, gates, masked: Variant, ctx: RunContext) -> dict[str, Any]:
+def paired_ratio(
+    unet, inputs, gates, masked: Variant, masked_step: Callable[[], Any], ctx: RunContext
+) -> dict[str, Any]:
     """masked/unmasked from interleaved steps (A B, B A, ...): drift cancels pair by pair."""
     unmasked = VARIANT_BY_NAME[PARTNER[masked.name]]
-    steps = {}
-    for v in (unmasked, masked):
-        _configure(unet, gates, v)  # a graph captures the processors installed now
-        steps[v.name] = _step_fn(unet, inputs, v, ctx)
+    _configure(unet, gates, unmasked)  # a graph captures the processors installed now
+    steps = {unmasked.name: _step_fn(unet, inputs, unmasked, ctx), masked.name: masked_step}
     ratios = []
     for i in range(ctx.plan.paired_samples):
         times = {}
@@ -1098,11 +1099,11 @@ def paired_ratio(unet, inputs, gates, masked: Variant, ctx: RunContext) -> dict[
     }
 
 
-def _open_fraction(unet, inputs, gates, variant: Variant, ctx: RunContext) -> dict[str, float]:
+def _open_fraction(gates, step: Callable[[], Any]) -> dict[str, float]:
     """Fraction of open gate entries per stage in one observed (untimed) step."""
     gates.observing = True
     try:
-        _step_fn(unet, inputs, variant, ctx)()
+        step()
         return gates.open_fractions()
     finally:
         gates.observing = False
@@ -1286,15 +1287,13 @@ def _unet_md(unet: dict[str, Any]) -> list[str]:
 
 
 def _profile_md(profile: dict[str, Any]) -> list[str]:
-    if profile.get("status") != "ok":
-        return (
-            []
-            if not profile
-            else [
-                "",
-                f"Profile: {profile['status']} ({profile.get('reason') or profile.get('error')})",
-            ]
-        )
+    if not profile:
+        return []
+    if profile["status"] != "ok":
+        return [
+            "",
+            f"Profile: {profile['status']} ({profile.get('reason') or profile.get('error')})",
+        ]
     lines = []
     for name, p in profile["variants"].items():
         lines += ["", f"Profile of one `{name}` step: {p['total_ms']:.2f} ms of {p['clock']} time "
