@@ -35,8 +35,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-POOLED_COLUMNS = 32  # text_embeds width of the tiny model (the rest of linear_1's input: time ids)
-
 
 @torch.no_grad()
 def encode_set(pipe, n: int, seed: int, res: int, batch: int = 32) -> dict[str, torch.Tensor]:
@@ -92,10 +90,14 @@ def fit_unet(pipe, data: dict[str, torch.Tensor], steps: int, batch: int, lr: fl
     unet, n = pipe.unet, data["mean"].shape[0]
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     factor = pipe.vae.config.scaling_factor
+    # add_embedding's input is [text_embeds, time-id embeddings]; zero the text_embeds columns.
+    pooled = (
+        unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    )
     with torch.no_grad():
-        unet.add_embedding.linear_1.weight[:, :POOLED_COLUMNS] = 0
+        unet.add_embedding.linear_1.weight[:, :pooled] = 0
     keep = torch.ones_like(unet.add_embedding.linear_1.weight)
-    keep[:, :POOLED_COLUMNS] = 0
+    keep[:, :pooled] = 0
     unet.add_embedding.linear_1.weight.register_hook(lambda g: g * keep)
     params = [p.requires_grad_(True) for p in unet.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
