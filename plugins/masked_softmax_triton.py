@@ -5,7 +5,7 @@ The problem
 Every gated cross-attention layer turns logits ``S [b, h, n, t]`` (fp16 or fp32) into
 probabilities ``P`` of the same shape, restricted to the tokens that the gate logits
 ``G [b, 1, n, t]`` open (``g > threshold``; a row with no open token opens its argmax, lowest
-index on ties; see DESIGN section 3 and :mod:`maskattn_deploy.ops.reference`). ``t`` is the text
+index on ties; see docs/design.md section 3 and :mod:`maskattn_deploy.ops.reference`). ``t`` is the text
 length: 77 in SDXL, 154 or 231 for long prompts, so a whole row fits in registers.
 
 The naive PyTorch version (the reference) makes six full passes over ``[b, h, n, t]``

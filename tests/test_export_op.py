@@ -1,7 +1,7 @@
 """The masked-softmax custom node and its model-local function against the reference oracle.
 
-A one-node ONNX model (custom node + function) runs in ONNX Runtime on the DESIGN section 3
-cases; the function inlined into plain ops gives identical numbers; the dynamo exporter turns
+A one-node ONNX model (custom node + function) runs in ONNX Runtime on the docs/design.md
+section 3.3 cases; the function inlined into plain ops gives identical numbers; the dynamo exporter turns
 the torch custom op into exactly one attributed custom node.
 """
 

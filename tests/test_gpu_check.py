@@ -24,8 +24,8 @@ from maskattn_deploy.bench.sdxl_config import (
 )
 from maskattn_deploy.cli.main import cli
 
-# Every case of DESIGN section 3, as named by gpu_check.kernel_cases.
-DESIGN_CASES = {
+# Every case of docs/design.md section 3.3, as named by gpu_check.kernel_cases.
+CONTRACT_CASES = {
     "random-t1", "random-t2", "random-t77", "random-t154", "random-t231", "all-open",
     "all-closed-fallback", "one-open-token", "ties-in-gate", "threshold-0.3", "near-fp16-range",
     "gate-dtype-of-logits", "rows-7", "rows-odd-t154", "non-finite-logits",
@@ -65,8 +65,8 @@ def test_dry_run_kernel_correctness_all_pass(dry_run) -> None:
     kernel = results["parts"]["kernel"]
     corr = kernel["correctness"]
     assert corr["all_pass"] is True and corr["failed"] == []
-    assert {c["case"] for c in corr["cases"]} == DESIGN_CASES
-    assert corr["n_cases"] == 2 * len(DESIGN_CASES)  # every case in fp32 and fp16
+    assert {c["case"] for c in corr["cases"]} == CONTRACT_CASES
+    assert corr["n_cases"] == 2 * len(CONTRACT_CASES)  # every case in fp32 and fp16
     for case in corr["cases"]:
         assert all(case["checks"].values()), case
         assert case["max_abs_diff"] <= gpu_check.ATOL[case["dtype"]]

@@ -65,7 +65,7 @@ def _rand_gate(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 
 def build_cases() -> dict[str, dict]:
-    """Every case of DESIGN section 3; shapes tiny (the interpreter is slow)."""
+    """Every case of docs/design.md section 3.3; shapes tiny (the interpreter is slow)."""
     gen = torch.Generator().manual_seed(1234)
     cases: dict[str, dict] = {}
 

@@ -1,4 +1,4 @@
-"""The masked-softmax oracle against an explicit per-row computation (DESIGN section 3 cases)."""
+"""The masked-softmax oracle against an explicit per-row computation (docs/design.md section 3.3 cases)."""
 
 from __future__ import annotations
 

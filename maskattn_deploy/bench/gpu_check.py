@@ -9,7 +9,7 @@ atomically), so a run cut short still leaves data. Parts, in order:
 2. ``kernel``: first a tiling sweep (each ``(ROWS, num_warps, HEADS)`` of the kernel's
    ``TUNING_CANDIDATES``, checked on the t = 77 cases and timed; the fastest correct one is
    applied for the rest of the run), then the Triton kernel against the reference oracle on
-   every case of DESIGN section 3 (exact zero pattern, max abs diff within fp32 1e-6 / fp16
+   every case of docs/design.md section 3.3 (exact zero pattern, max abs diff within fp32 1e-6 / fp16
    2e-3, poisoned output buffers), then its time at the SDXL shapes next to a device-to-device
    copy of the same bytes and the torch reference.
 3. ``unet``: the SDXL UNet (random fp16 weights, built on the GPU from
@@ -486,7 +486,7 @@ class KernelCase:
 
 
 def kernel_cases(n: int, seed: int) -> list[KernelCase]:
-    """Every case of DESIGN section 3. Both plans' ``n`` (333, 5) are odd, so no case's token
+    """Every case of docs/design.md section 3.3. Both plans' ``n`` (333, 5) are odd, so no case's token
     rows per (batch, head) slice are a multiple of the kernel's rows per program (2 to 256)."""
     gen = torch.Generator().manual_seed(seed)
 

@@ -1,7 +1,7 @@
 """Is there a usable CUDA GPU, and is TensorRT installed? Answered without torch or TensorRT.
 
 TensorRT must never be touched before a CUDA device is known to exist: ``trt.Builder`` fails
-without one and the lean runtime's ``deserialize_cuda_engine`` segfaults (DESIGN section 6).
+without one and the lean runtime's ``deserialize_cuda_engine`` segfaults (docs/design.md section 6.1).
 The probe talks to the driver library directly through ctypes (``cuInit``,
 ``cuDeviceGetCount``), which costs milliseconds and needs no Python CUDA binding.
 """

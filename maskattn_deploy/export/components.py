@@ -103,7 +103,7 @@ class UNetModule(nn.Module):
         time_ids: torch.Tensor,
     ) -> torch.Tensor:
         # diffusers concatenates text_embeds with the fp32 time-id embedding; eager torch
-        # promotes that concat to fp32, the dynamo exporter does not (DESIGN section 6), so the
+        # promotes that concat to fp32, the dynamo exporter does not (docs/design.md section 6.3), so the
         # promotion is made explicit. A no-op in fp32 exports.
         cond = {"text_embeds": text_embeds.float(), "time_ids": time_ids}
         return self.unet(

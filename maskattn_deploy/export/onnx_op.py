@@ -6,7 +6,7 @@ name, version and namespace), ``plugin_version``, ``aot=1`` (pick the ahead-of-t
 implementation) and ``threshold`` (float, on the gate logit).
 
 The function (a ``FunctionProto`` with the same domain and name) is what ONNX Runtime and
-``onnx.inliner`` see: the contract of DESIGN section 3 in standard ops::
+``onnx.inliner`` see: the contract of docs/design.md section 3 in standard ops::
 
     g       = Cast<float>(G)                                   [b,1,n,t]
     first   = Range(t) == ArgMax(g, select_last_index=0)       lowest index on ties
@@ -55,7 +55,7 @@ def op_schema() -> onnx.defs.OpSchema:
         PLUGIN_NAME,
         ONNX_DOMAIN,
         ONNX_DOMAIN_VERSION,
-        "Softmax of S over the open set of gate logits G (maskattn-deploy DESIGN section 3).",
+        "Softmax of S over the open set of gate logits G (maskattn-deploy docs/design.md section 3).",
         inputs=[
             OpSchema.FormalParameter("logits", "T", "S [b,h,n,t]"),
             OpSchema.FormalParameter("gate_logits", "T1", "G [b,1,n,t]"),
@@ -139,7 +139,7 @@ def make_function(opset: int) -> onnx.FunctionProto:
         nodes,
         [helper.make_opsetid("", opset)],
         attributes=list(NODE_ATTRIBUTES),
-        doc_string="MaskAttn masked softmax (DESIGN section 3): exact open-set softmax with argmax "
+        doc_string="MaskAttn masked softmax (docs/design.md section 3): exact open-set softmax with argmax "
         "fallback, fp32 accumulation; the TensorRT plugin replaces this node.",
     )
 

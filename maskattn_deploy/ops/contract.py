@@ -2,7 +2,7 @@
 
 One place for the op's identity so the PyTorch custom op, the ONNX exporter (custom node
 and model-local function), the Triton kernel and the TensorRT plugin cannot drift apart.
-See DESIGN section 3 for the semantics.
+See docs/design.md section 3 for the semantics.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ buffers (allocated once per shape set), one CUDA stream and the optional CUDA-gr
 
 Components without an engine (for example when only the UNet was built) run through ONNX
 Runtime on the same export, with a log line saying so. TensorRT is never imported before
-:func:`require_tensorrt_and_gpu` has confirmed a GPU and the package (DESIGN section 6).
+:func:`require_tensorrt_and_gpu` has confirmed a GPU and the package (docs/design.md section 6.1).
 """
 
 from __future__ import annotations

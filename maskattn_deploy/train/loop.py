@@ -265,7 +265,8 @@ class Trainer:
         device = self.runtime.device
         pipe = load_pipeline(self.config.model, torch_dtype=torch.float32, device="cpu")
         self.unet = _to(pipe.unet, device, self.weight_dtype)
-        self.vae: torch.nn.Module | None = pipe.vae.to(device)  # fp32 always: see DESIGN
+        # The VAE stays fp32 always (docs/design.md section 6.4).
+        self.vae: torch.nn.Module | None = pipe.vae.to(device)
         self.vae_config = pipe.vae.config
         for encoder in (pipe.text_encoder, pipe.text_encoder_2):
             _to(encoder, device, self.weight_dtype)
