@@ -76,7 +76,7 @@ def command(
     """Benchmark the UNet step (masked and unmasked, interleaved) and the pipeline.
 
     Without EXPORT_DIR it runs the built-in tiny model (its export is made once into the cache).
-    On a GPU, pass an fp16 export of SDXL (see the README, "Parity, benchmarks and the demo") for the full-size figures.
+    On a GPU, pass an fp16 export of SDXL (see docs/parity-and-bench.md) for the full-size figures.
     """
     from maskattn_deploy.bench.report import bench_markdown, bench_text
     from maskattn_deploy.bench.run import BenchConfig, run_bench

@@ -463,7 +463,7 @@ def export_pipeline(
     no_gates: bool = False,
     progress: Progress | None = None,
 ) -> ExportResult:
-    """Export an SDXL pipeline with its gates to ``out`` (see the README, "ONNX export").
+    """Export an SDXL pipeline with its gates to ``out`` (see docs/export.md).
 
     model: ``tiny``, a hub id, a diffusers folder, a ``.safetensors`` file, or a loaded
     ``StableDiffusionXLPipeline`` (never modified: fp16 casts work on copies, gates are removed
