@@ -7,7 +7,9 @@ from pathlib import Path
 
 # Tests never touch the network or the user's cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MASKATTN_DEPLOY_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "tests"))
+os.environ.setdefault(
+    "MASKATTN_DEPLOY_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "tests")
+)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

@@ -54,19 +54,34 @@ def test_gates_import_and_info(tmp_path: Path) -> None:
 
     write_reference_checkpoint(tmp_path / "gate_final.pt", build_tiny_unet())
     runner = CliRunner()
-    res = runner.invoke(cli, ["gates", "import", str(tmp_path / "gate_final.pt"), "--out", str(tmp_path / "ours")])
+    res = runner.invoke(
+        cli, ["gates", "import", str(tmp_path / "gate_final.pt"), "--out", str(tmp_path / "ours")]
+    )
     assert res.exit_code == 0, res.output
     res = runner.invoke(cli, ["gates", "info", str(tmp_path / "ours"), "--json"])
     info = json.loads(res.output)
-    assert info["source_format"] == "maskattn-sdxl-gates-v1" and info["layers"] == 10 and info["heads"] == 1
+    assert (
+        info["source_format"] == "maskattn-sdxl-gates-v1"
+        and info["layers"] == 10
+        and info["heads"] == 1
+    )
     latent_mlp = 2 * 128 + (128 * 128 + 128) * 2  # LayerNorm(128) + two Linear(128, 128)
-    text_mlp = 2 * 64 + (64 * 128 + 128) + (128 * 128 + 128)  # LayerNorm(64) + Linear(64,128) + Linear(128,128)
+    text_mlp = (
+        2 * 64 + (64 * 128 + 128) + (128 * 128 + 128)
+    )  # LayerNorm(64) + Linear(64,128) + Linear(128,128)
     assert info["parameters"] == latent_mlp + text_mlp + 1  # + the scalar bias
 
 
 def test_user_errors_are_one_line_not_tracebacks(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "maskattn_deploy.cli.main", "gates", "info", str(tmp_path / "missing")],
+        [
+            sys.executable,
+            "-m",
+            "maskattn_deploy.cli.main",
+            "gates",
+            "info",
+            str(tmp_path / "missing"),
+        ],
         capture_output=True,
         text=True,
     )
