@@ -44,8 +44,8 @@ where open and an exact ``0`` elsewhere, so the output buffer's old contents nev
 non-finite logit only touches its own row. Programs are numbered head-group fastest
 (``pid = ((batch * blocks) + block) * groups + group``), so programs that read the same gate
 rows run next to each other and G comes from the L2 after the first of them. Each program
-splits its id with scalar integer divisions; rows need only multiplies (an earlier version
-divided every row index in 64 bits, which cost more than the memory traffic).
+splits its id with scalar integer divisions; rows need only multiplies (a 64-bit division of
+every row index costs more than the memory traffic).
 
 The tiling (``ROWS``, ``num_warps``, ``HEADS``) is a launch parameter: :func:`launch_config`
 gives the default, the GPU check (``maskattn-deploy selftest --gpu``) times the candidates in

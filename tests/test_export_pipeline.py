@@ -196,7 +196,7 @@ def test_unet_parity_batch_and_resolution_from_one_file(fp32_export, gated_unet)
         rel = diff / ref.abs().max().item()
         print(f"fp32 unet {point}: max abs {diff:.2e}, relative {rel:.2e}")
         assert got.shape == ref.shape
-        assert diff <= 1e-4  # fp32 vs fp32: op-order rounding only (issue 4 acceptance)
+        assert diff <= 1e-4  # fp32 vs fp32: op-order rounding only
 
 
 def test_per_layer_outputs_are_the_layers_probabilities(fp32_export, gated_unet) -> None:

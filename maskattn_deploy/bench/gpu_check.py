@@ -69,8 +69,8 @@ from maskattn_deploy.utils import atomic_path, write_json_atomic
 logger = logging.getLogger(__name__)
 
 SCHEMA = "maskattn-gpu-check-v1"
-TARGET_COPY_FRACTION = 0.70  # kernel >= 70% of copy bandwidth (issue 8)
-TARGET_UNET_RATIO = 1.03  # masked / unmasked UNet step with the kernel path (issue 8)
+TARGET_COPY_FRACTION = 0.70  # kernel >= 70% of copy bandwidth (benchmarks/README.md)
+TARGET_UNET_RATIO = 1.03  # masked / unmasked UNet step on the kernel path (benchmarks/README.md)
 # Max abs error vs the reference: fp32 only summation order differs; fp16: rounding of P.
 ATOL = {"float32": 1e-6, "float16": 2e-3}
 POISON = 123.0  # never a probability: any survivor in P is an unwritten element
@@ -128,8 +128,8 @@ GPU_PLAN = Plan(
     tuning_candidates=99,  # all
     tuning_samples=20,
     # Seen on an H200 (2026-11-27): kernel part 90 s with 10 tilings, first compiles of the
-    # SDXL UNet 87-128 s. With 150 s a compile pair needed 300 s and compile_unmasked was
-    # skipped with 293 s left although the pair then took 145 s.
+    # SDXL UNet 87-128 s. An estimate of 150 s would reserve 300 s for a compile pair that
+    # takes about 145 s, and skip it with less time left than that.
     estimate_s={"kernel": 60, "unet": 45, "eager": 15, "compile": 130},
 )
 DRY_PLAN = Plan(

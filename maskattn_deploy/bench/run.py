@@ -39,12 +39,12 @@ TINY = "tiny"
 # Full-size SDXL UNet with random weights built on the GPU (no download): UNet step only.
 SDXL_RANDOM = "sdxl-random"
 DEFAULT_BACKENDS: tuple[str, ...] = ("torch", "onnxruntime", "tensorrt")
-# CPU targets of issue 7 (tiny model, batch 2, 256x256).
+# CPU targets (tiny model, batch 2, 256x256; results in benchmarks/cpu.md).
 TARGET_ORT_VS_TORCH = 0.8
 TARGET_MASK_RATIO = 1.15
 # Untimed runs after each masked/unmasked switch, so timed runs are back-to-back steady state
-# like a denoising loop (see bench.timing; on two CPU cores the first run after a switch was
-# ~1.5x slower for ONNX Runtime, whose other session's threads were still spinning).
+# like a denoising loop (see bench.timing; on two CPU cores the first run after a switch is
+# ~1.5x slower for ONNX Runtime, whose other session's threads are still spinning).
 SETTLE_RUNS = 1
 
 
