@@ -23,7 +23,7 @@ README_MAX_BYTES = 8 * 1024
 # Markdown files whose links are checked: the README, docs/, the changelog, benchmarks' pages.
 MARKDOWN = [README, ROOT / "CHANGELOG.md", *sorted(DOCS.glob("*.md")), *sorted(
     (ROOT / "benchmarks").glob("**/*.md"))]  # fmt: skip
-# Where code, tests and scripts live; their citations of docs/ must resolve.
+# Where code, tests and scripts live; their citations of docs/ and benchmarks/ pages must resolve.
 SOURCE_ROOTS = ["maskattn_deploy", "plugins", "export", "train", "scripts", "tests", ".ci"]
 SOURCE_SUFFIXES = {".py", ".toml", ".md", ".txt", ""}
 SKIP_DIRS = {"__pycache__", ".venv", ".cache", ".git", "build", "dist"}
@@ -32,7 +32,7 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 INLINE_CODE = re.compile(r"`[^`]*`")
-DOC_CITATION = re.compile(r"docs/([A-Za-z0-9_-]+\.md)(#[A-Za-z0-9_-]+)?")
+DOC_CITATION = re.compile(r"\b(docs|benchmarks)/([A-Za-z0-9_./-]+\.md)(#[A-Za-z0-9_-]+)?")
 SECTION_CITATION = re.compile(r"docs/([A-Za-z0-9_-]+\.md) sections? (\d+(?:\.\d+)*)")
 SECTION_NUMBER = re.compile(r"^(\d+(?:\.\d+)*)\.?\s")
 # Built from parts so that this file does not match itself.
@@ -124,6 +124,7 @@ def test_every_docs_page_is_linked_from_the_readme() -> None:
 
 
 def test_code_citations_of_docs_resolve() -> None:
+    """``docs/X.md``, ``docs/X.md#anchor``, ``benchmarks/.../X.md`` and ``docs/X.md section N``."""
     broken = []
     cited = 0
     for path in source_files():
@@ -131,12 +132,13 @@ def test_code_citations_of_docs_resolve() -> None:
         where = path.relative_to(ROOT)
         for match in DOC_CITATION.finditer(text):
             cited += 1
-            doc = DOCS / match.group(1)
-            anchor = (match.group(2) or "#")[1:]
-            if not doc.exists():
-                broken.append(f"{where}: docs/{match.group(1)} does not exist")
+            name = f"{match.group(1)}/{match.group(2)}"
+            doc = ROOT / name
+            anchor = (match.group(3) or "#")[1:]
+            if not doc.is_file():
+                broken.append(f"{where}: {name} does not exist")
             elif anchor and anchor not in anchors(doc):
-                broken.append(f"{where}: docs/{match.group(1)} has no heading #{anchor}")
+                broken.append(f"{where}: {name} has no heading #{anchor}")
         for match in SECTION_CITATION.finditer(text):
             doc = DOCS / match.group(1)
             if doc.exists() and match.group(2) not in section_numbers(doc):
