@@ -212,16 +212,15 @@ def test_per_layer_outputs_are_the_layers_probabilities(fp32_export, gated_unet)
     for layer, proc in processors.items():
         original = proc._probabilities
 
-        def record(logits, gate_logits, _layer=layer, _original=original):
-            captured[_layer] = _original(logits, gate_logits)
+        def record(logits, gate_logits, *args, _layer=layer, _original=original):
+            captured[_layer] = _original(logits, gate_logits, *args)
             return captured[_layer]
 
         proc._probabilities = record
-    gates.attention_impl = "op"  # the explicit-probabilities path (eager default is SDPA)
     try:
-        torch_unet(unet, feed)
+        with gates.mode(attention="op"):  # the explicit-probabilities path (eager default: SDPA)
+            torch_unet(unet, feed)
     finally:
-        gates.attention_impl = "auto"
         for proc in processors.values():
             del proc._probabilities
     sess = session(out / "unet" / "model.onnx")

@@ -8,7 +8,14 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from maskattn_deploy.gating import GateConfig, install_gates, remove_gates, select_layers
+from maskattn_deploy.gating import (
+    AttentionImpl,
+    GateConfig,
+    GateMode,
+    install_gates,
+    remove_gates,
+    select_layers,
+)
 from maskattn_deploy.gating.mask import straight_through_gate, training_softmax
 from maskattn_deploy.models.tiny import build_tiny_sd15_unet, build_tiny_unet
 from maskattn_deploy.ops.reference import masked_softmax_reference, open_mask
@@ -69,7 +76,6 @@ def test_forced_open_equals_stock_processor(build, inputs) -> None:
 def test_processor_matches_explicit_attention_and_zeros_masked(impl: str) -> None:
     unet = build_tiny_unet()
     gates = install_gates(unet, GateConfig(stage="mid"))
-    gates.attention_impl = impl
     randomize(gates, seed=3)
     name = gates.layers[0]
     attn = unet.get_submodule(name)
@@ -82,7 +88,7 @@ def test_processor_matches_explicit_attention_and_zeros_masked(impl: str) -> Non
             (head.latent_mlp(x) @ head.text_mlp(ctx).transpose(1, 2)).median() * head.scale
             + head.bias
         )
-    with torch.no_grad(), gates.recording() as rec:
+    with torch.no_grad(), gates.recording() as rec, gates.mode(attention=impl):
         out = attn(x, encoder_hidden_states=ctx)
         # Independent computation, written out.
         u = head.latent_mlp(x)
@@ -121,8 +127,8 @@ def test_only_gates_get_gradients_and_backbone_is_unchanged() -> None:
     unet = build_tiny_unet()
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     gates = install_gates(unet, GateConfig(stage="all"))
-    gates.set_training(True)
-    unet(**sdxl_inputs(unet)).sample.square().mean().backward()
+    with gates.mode(GateMode.for_training()):
+        unet(**sdxl_inputs(unet)).sample.square().mean().backward()
     assert all(p.grad is None for p in unet.parameters())
     assert all(not p.requires_grad for p in unet.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates.parameters())
@@ -219,12 +225,11 @@ def test_training_mode_forward_equals_inference_forward() -> None:
     feed = sdxl_inputs(unet)
     with torch.no_grad():
         exact = unet(**feed).sample
-        gates.attention_impl = "op"
-        assert torch.allclose(
-            unet(**feed).sample, exact, atol=1e-5
-        )  # op vs SDPA+bias: fp32 rounding
-        gates.set_training(True)
-        ste = unet(**feed).sample
+        with gates.mode(attention=AttentionImpl.OP):
+            op = unet(**feed).sample
+        with gates.mode(GateMode.for_training()):
+            ste = unet(**feed).sample
+    assert torch.allclose(op, exact, atol=1e-5)  # op vs SDPA+bias: fp32 rounding
     assert torch.allclose(exact, ste, atol=1e-5)  # -1e4 bias underflows to exactly 0 in fp32
 
 
@@ -324,7 +329,6 @@ def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
     unet = build_tiny_unet().eval()
     gates = install_gates(unet, GateConfig(stage="mid"))
     randomize(gates)
-    gates.attention_impl = impl
     feed = sdxl_inputs(unet)
 
     def forbidden() -> bool:
@@ -335,7 +339,7 @@ def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
     monkeypatch.setattr(torch_kernel, "register", forbidden)
 
     def step(**kw):
-        with torch.no_grad():
+        with torch.no_grad(), gates.mode(attention=impl):
             return unet(**kw, return_dict=False)[0]
 
     dynamo.reset()

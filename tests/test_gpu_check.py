@@ -257,8 +257,7 @@ def test_full_size_cfg_step_runs_on_meta(monkeypatch) -> None:
 
     monkeypatch.setattr(processor, "masked_softmax_op", spy)
     gates = install_gates(unet, GateConfig(stage="mid"))
-    gates.attention_impl = "op"
-    with torch.no_grad():
+    with torch.no_grad(), gates.mode(attention="op"):
         out = unet(**inputs, return_dict=False)[0]
     assert out.shape == (2, 4, 128, 128) and out.dtype == torch.float16
     # 50 gated layers at 32x32 tokens, 20 heads: the kernel's second timing shape.

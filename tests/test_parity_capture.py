@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.gating import AttentionImpl
 from maskattn_deploy.gating.checkpoint import load_gates
 from maskattn_deploy.models.tiny import tiny_default_gates_dir
 from maskattn_deploy.ops.reference import open_mask
@@ -56,7 +57,7 @@ def test_capture_matches_gate_heads_and_execution_order(gated_unet) -> None:
     finally:
         for h in handles:
             h.remove()
-    assert gates.attention_impl == "auto"  # restored
+    assert gates.current_mode.attention is AttentionImpl.AUTO  # restored
     # The op path and the eager SDPA path agree (same semantics, fp32 rounding only).
     torch.testing.assert_close(out, _forward(unet, feed), rtol=0, atol=1e-5)
     assert [r.layer for r in capture.records] == order and len(order) == len(gates.layers)

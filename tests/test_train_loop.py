@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.gating import Estimator
 from maskattn_deploy.train.config import TrainConfig, load_train_config
 from maskattn_deploy.train.data import prepare_image
 from maskattn_deploy.train.loop import Trainer
@@ -182,7 +183,7 @@ def test_time_ids_follow_the_pipeline_convention():
 
 def test_relaxed_estimator_trains_through_the_recipe_key(tmp_path):
     trainer = Trainer(fast_config("train.steps=2", "train.gate_estimator=relaxed"), tmp_path / "r")
-    assert trainer.gates.estimator == "relaxed"
+    assert trainer.gate_mode.estimator is Estimator.RELAXED
     before = {k: v.clone() for k, v in trainer.gates.state_dict().items()}
     result = trainer.run()
     assert result.complete and result.step == 2

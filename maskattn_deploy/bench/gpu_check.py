@@ -860,7 +860,7 @@ def _step_fn(unet: torch.nn.Module, inputs: dict[str, Any], variant: Variant, ct
         module = torch.compile(unet, backend=ctx.plan.compile_backend)
 
     def step() -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), _variant_mode(unet, variant):
             return module(**inputs, return_dict=False)[0]
 
     if variant.graphed and ctx.device.type == "cuda":
@@ -1032,15 +1032,27 @@ def _shapes(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _configure(unet: torch.nn.Module, gates: Any, variant: Variant) -> None:
-    """Stock processors, or gates with the masked-softmax path the variant names."""
+    """Stock processors, or gates (their mode is set per step: :func:`_variant_mode`)."""
     from maskattn_deploy.gating import GateConfig, install_gates, remove_gates
 
     remove_gates(unet)
     if variant.masked:
         install_gates(unet, GateConfig(stage="mid"), gates=gates)
-        # sdpa: the open set as a -inf bias to fused attention; kernel: maskattn::masked_softmax
-        # (Triton on CUDA); reference: the oracle, never the kernel.
-        gates.attention_impl = {"sdpa": "sdpa", "reference": "reference"}.get(variant.impl, "op")
+
+
+def _variant_mode(unet: torch.nn.Module, variant: Variant) -> contextlib.AbstractContextManager:
+    """The gate mode of a masked variant's step: the masked-softmax path the variant names.
+
+    sdpa: the open set as a -inf bias to fused attention; kernel: maskattn::masked_softmax
+    (Triton on CUDA); reference: the oracle, never the kernel.
+    """
+    from maskattn_deploy.gating import AttentionImpl, installed_gates
+
+    gates = installed_gates(unet)
+    if gates is None or not variant.masked:
+        return contextlib.nullcontext()
+    impl = {"sdpa": AttentionImpl.SDPA, "reference": AttentionImpl.REFERENCE}
+    return gates.mode(attention=impl.get(variant.impl, AttentionImpl.OP))
 
 
 def _run_variant(unet, inputs, gates, variant: Variant, entry, ctx: RunContext, kernel_ok) -> None:
@@ -1101,12 +1113,9 @@ def paired_ratio(
 
 def _open_fraction(gates, step: Callable[[], Any]) -> dict[str, float]:
     """Fraction of open gate entries per stage in one observed (untimed) step."""
-    gates.observing = True
-    try:
+    with gates.mode(observing=True):
         step()
-        return gates.open_fractions()
-    finally:
-        gates.observing = False
+    return gates.open_fractions()
 
 
 def unet_ratios(variants: dict[str, Any]) -> dict[str, Any]:

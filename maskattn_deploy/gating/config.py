@@ -13,13 +13,6 @@ Placement = Literal["encoder", "decoder", "both"]
 STAGES: tuple[str, ...] = ("high", "mid", "low", "all")
 PLACEMENTS: tuple[str, ...] = ("encoder", "decoder", "both")
 
-# How the gate gradient is estimated in training (the forward is the hard mask in both):
-# "bias": -1e4 * (1 - STE gate) added to the logits, as in the authors' implementation; a closed
-#         token's probability is exactly 0, so its gate gets no gradient of its own.
-# "relaxed": the gradient of softmax(s + log sigmoid(g - threshold)); closed tokens keep a
-#         gradient bounded by their relaxed probability, so gates can learn to reopen them.
-ESTIMATORS: tuple[str, ...] = ("bias", "relaxed")
-
 
 @dataclass(frozen=True)
 class GateConfig:

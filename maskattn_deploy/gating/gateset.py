@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
 from maskattn_deploy.gating.config import GateConfig
 from maskattn_deploy.gating.head import GateHead
+from maskattn_deploy.gating.modes import GateMode
 from maskattn_deploy.gating.placement import GatedLayer, head_id, select_layers
 
 _ATTR = "_maskattn_gates"
@@ -20,8 +22,8 @@ _ORIGINAL = "_maskattn_original_processors"
 class GateSet(nn.Module):
     """All gate heads of one UNet plus the layer -> head map (fp32, follows the UNet's device).
 
-    Modes: ``ste`` (training: straight-through estimator) or exact hard masks (inference).
-    ``observing`` keeps per-layer open masks of the last forward for statistics and recording.
+    How the heads and processors run (inference path, straight-through training, observing
+    the open masks, head precision) is one :class:`GateMode`, changed with :meth:`mode`.
     """
 
     def __init__(self, config: GateConfig, layers: list[GatedLayer]) -> None:
@@ -35,10 +37,7 @@ class GateSet(nn.Module):
             if key not in self.heads:
                 self.heads[key] = GateHead(layer.latent_dim, layer.text_dim, config.hidden_dim)
         self.threshold = float(config.threshold)
-        self.ste = False
-        self.observing = False
-        self.attention_impl: str = "auto"  # auto | sdpa | op | reference (gating/processor.py)
-        self.estimator: str = "bias"  # training gradient of the gates (gating/mask.py ESTIMATORS)
+        self._mode = GateMode()
         self._last_open: dict[str, torch.Tensor] = {}
         self._records: dict[str, list[torch.Tensor]] | None = None
 
@@ -49,11 +48,24 @@ class GateSet(nn.Module):
     def stage_of(self, layer: str) -> str:
         return self.layer_info[layer].stage
 
-    def set_training(self, enabled: bool) -> None:
-        """Straight-through training mode (True) or exact inference masks (False)."""
-        self.ste = bool(enabled)
-        self.observing = self.observing or enabled
-        self.train(enabled)
+    @property
+    def current_mode(self) -> GateMode:
+        """The mode the gated processors run in now (change it with :meth:`mode`)."""
+        return self._mode
+
+    @contextlib.contextmanager
+    def mode(self, mode: GateMode | None = None, /, **changes: Any) -> Iterator[GateMode]:
+        """Run the block in ``mode`` (default: the current one) with ``changes`` applied.
+
+        ``gates.mode(attention="op")``, ``gates.mode(GateMode.for_training("relaxed"))``; the
+        previous mode comes back on exit, exceptions included. Yields the mode in force.
+        """
+        new = (mode or self._mode).replace(**changes)
+        previous, self._mode = self._mode, new
+        try:
+            yield new
+        finally:
+            self._mode = previous
 
     def gate_logits(self, layer: str, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """fp32 gate logits ``[b, n, t]`` of ``layer``; moves the heads to the input's device."""
@@ -78,12 +90,12 @@ class GateSet(nn.Module):
     def recording(self) -> Iterator[dict[str, list[torch.Tensor]]]:
         """Record every forward's open mask ``[b, n, t]`` (bool, CPU) per layer."""
         records: dict[str, list[torch.Tensor]] = defaultdict(list)
-        previous = self.observing
-        self._records, self.observing = records, True
+        previous, self._records = self._records, records
         try:
-            yield records
+            with self.mode(observing=True):
+                yield records
         finally:
-            self._records, self.observing = None, previous
+            self._records = previous
 
     @contextlib.contextmanager
     def forced_open(self) -> Iterator[None]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from maskattn_deploy.gating.config import ESTIMATORS
+from maskattn_deploy.gating.modes import ESTIMATORS, Estimator
 from maskattn_deploy.ops.contract import TRAINING_NEGATIVE_BIAS
 from maskattn_deploy.ops.reference import masked_softmax_reference, open_mask
 
@@ -22,16 +22,19 @@ def straight_through_gate(gate_logits: torch.Tensor, threshold: float) -> torch.
 
 
 def training_softmax(
-    logits: torch.Tensor, gate_logits: torch.Tensor, threshold: float, estimator: str = "bias"
+    logits: torch.Tensor,
+    gate_logits: torch.Tensor,
+    threshold: float,
+    estimator: Estimator | str = Estimator.BIAS,
 ) -> torch.Tensor:
     """Masked softmax for training: the hard mask forward, an estimated gradient for the gates.
 
     logits ``[b, h, n, t]``, gate logits ``[b, n, t]``; returns fp32 probabilities. See
-    :data:`ESTIMATORS`.
+    :class:`~maskattn_deploy.gating.modes.Estimator`.
     """
-    if estimator == "relaxed":
+    if estimator == Estimator.RELAXED:
         return relaxed_training_softmax(logits, gate_logits, threshold)
-    if estimator != "bias":
+    if estimator != Estimator.BIAS:
         raise ValueError(f"unknown gate estimator {estimator!r}; choose {', '.join(ESTIMATORS)}")
     gate = straight_through_gate(gate_logits, threshold)  # [b, n, t], values in {0, 1}
     bias = (1.0 - gate) * TRAINING_NEGATIVE_BIAS

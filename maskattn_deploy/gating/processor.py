@@ -8,12 +8,13 @@ attention probabilities explicitly so the gate can restrict the softmax:
     p = masked_softmax(s, g)   [b, h, n, t]  (exact mask at inference, STE when training)
     o = p v                    [b, h, n, d]
 
-At inference the masked softmax has two equivalent paths (``GateSet.attention_impl``):
-``op`` calls the ``maskattn::masked_softmax`` custom op (one node in the ONNX export, the Triton
-kernel on CUDA) and is always used while exporting; ``sdpa`` hands the open set to PyTorch's
-fused attention as a -inf bias (fast eager path, the default on the CPU). ``auto`` picks
-``sdpa`` on the CPU and ``op`` on CUDA. ``reference`` calls the oracle directly, never the
-kernel (to measure what the kernel changes). The processor is a plain object (not an nn.Module) so that casting the
+How the probabilities are formed is chosen in one place, :meth:`MaskAttnProcessor._attend`, by
+the GateSet's :class:`~maskattn_deploy.gating.modes.GateMode`: its ``attention`` field picks the
+inference path (:class:`~maskattn_deploy.gating.modes.AttentionImpl`: ``sdpa`` hands the open
+set to PyTorch's fused attention as a -inf bias, ``op`` calls the ``maskattn::masked_softmax``
+custom op, ``reference`` the oracle, ``auto`` is ``sdpa`` on the CPU and ``op`` on CUDA);
+exports always trace ``op`` (one node per gated layer) and training mode takes the
+straight-through path. The processor is a plain object (not an nn.Module) so that casting the
 UNet to fp16 never casts the gates, which stay fp32 in their :class:`GateSet`.
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from maskattn_deploy.gating.mask import training_softmax
+from maskattn_deploy.gating.modes import AttentionImpl, GateMode
 from maskattn_deploy.ops.reference import masked_softmax_reference, open_mask
 from maskattn_deploy.ops.torch_op import masked_softmax_op
 
@@ -85,14 +87,7 @@ class MaskAttnProcessor:
         if attention_mask is not None:
             mask = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
             mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-        if self._use_sdpa(query):
-            out = self._sdpa(query, key, value, gate_logits, mask, attn.scale)  # [b, h, n, d]
-        else:
-            logits = torch.matmul(query, key.transpose(-1, -2)) * attn.scale  # [b, h, n, t]
-            if mask is not None:
-                logits = logits + mask.to(logits.dtype)
-            probs = self._probabilities(logits, gate_logits)
-            out = torch.matmul(probs.to(value.dtype), value)  # [b, h, n, d]
+        out = self._attend(query, key, value, gate_logits, mask, attn.scale)  # [b, h, n, d]
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
@@ -102,12 +97,29 @@ class MaskAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _use_sdpa(self, query: torch.Tensor) -> bool:
-        """SDPA with a -inf bias for eager inference; the custom op for export, CUDA kernel, STE."""
-        impl = self.gates.attention_impl
-        if self.gates.ste or impl in ("op", "reference") or _exporting():
-            return False
-        return impl == "sdpa" or not query.is_cuda
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        gate_logits: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Gated attention ``[b, h, n, d]``: the one place that picks the implementation.
+
+        q ``[b, h, n, d]``, k/v ``[b, h, t, d]``, fp32 gate logits ``[b, n, t]``, an optional
+        additive mask ``[b, h, n|1, t]``; the path follows the GateSet's mode.
+        """
+        mode = self.gates.current_mode
+        impl = _implementation(mode, query)
+        if impl is AttentionImpl.SDPA:
+            return self._sdpa(query, key, value, gate_logits, mask, scale, mode)
+        logits = torch.matmul(query, key.transpose(-1, -2)) * scale  # [b, h, n, t]
+        if mask is not None:
+            logits = logits + mask.to(logits.dtype)
+        probs = self._probabilities(logits, gate_logits, mode, impl)
+        return torch.matmul(probs.to(value.dtype), value)
 
     def _sdpa(
         self,
@@ -116,27 +128,44 @@ class MaskAttnProcessor:
         value: torch.Tensor,
         gate_logits: torch.Tensor,
         mask: torch.Tensor | None,
-        attn_scale: float,
+        scale: float,
+        mode: GateMode,
     ) -> torch.Tensor:
         """Same semantics as the op: closed tokens get exp(-inf) = 0 exactly, rows never empty."""
         is_open = open_mask(gate_logits, self.gates.threshold)  # [b, n, t]
-        if self.gates.observing:
+        if mode.observing:
             self.gates.observe(self.layer_name, is_open)
         bias = torch.zeros(is_open.shape, dtype=query.dtype, device=query.device)
         bias = bias.masked_fill_(~is_open, float("-inf"))[:, None]  # [b, 1, n, t]
         if mask is not None:
             bias = bias + mask.to(bias.dtype)
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=attn_scale)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scale)
 
-    def _probabilities(self, logits: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    def _probabilities(
+        self,
+        logits: torch.Tensor,
+        gate_logits: torch.Tensor,
+        mode: GateMode,
+        impl: AttentionImpl,
+    ) -> torch.Tensor:
+        """Explicit masked probabilities ``[b, h, n, t]`` (training, op or reference path)."""
         threshold = self.gates.threshold
-        if self.gates.observing:
+        if mode.observing:
             self.gates.observe(self.layer_name, open_mask(gate_logits.detach(), threshold))
-        if self.gates.ste:
-            return training_softmax(logits, gate_logits, threshold, self.gates.estimator)
-        if self.gates.attention_impl == "reference" and not _exporting():
+        if mode.training:
+            return training_softmax(logits, gate_logits, threshold, mode.estimator)
+        if impl is AttentionImpl.REFERENCE:
             return masked_softmax_reference(logits, gate_logits[:, None], threshold)
         return masked_softmax_op(logits, gate_logits[:, None], threshold)
+
+
+def _implementation(mode: GateMode, query: torch.Tensor) -> AttentionImpl:
+    """The concrete path (never ``AUTO``): exports and training need explicit probabilities."""
+    if mode.training or _exporting():
+        return AttentionImpl.OP
+    if mode.attention is AttentionImpl.AUTO:
+        return AttentionImpl.OP if query.is_cuda else AttentionImpl.SDPA
+    return mode.attention
 
 
 def _exporting() -> bool:

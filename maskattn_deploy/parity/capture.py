@@ -6,7 +6,7 @@ custom op (the one the gated processor calls at inference), whose inputs are the
 ``S [b, h, n, t]`` and gate logits ``G [b, 1, n, t]`` and whose output is ``P [b, h, n, t]``.
 The reference therefore reports exactly what its own op saw and returned. Eager inference
 normally takes the processor's SDPA path (same semantics, no probabilities to see), so the
-GateSet is switched to its ``op`` implementation for the duration of the capture.
+GateSet runs in its ``op`` mode for the duration of the capture.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from maskattn_deploy.gating.modes import AttentionImpl
 from maskattn_deploy.ops.contract import TORCH_NAMESPACE, TORCH_OP_NAME
 
 
@@ -82,11 +83,9 @@ def capture_gated_layers(
     handles = [
         unet.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in layers
     ]
-    previous, gates.attention_impl = gates.attention_impl, "op"
     try:
-        with recorder:
+        with gates.mode(attention=AttentionImpl.OP), recorder:
             yield capture
     finally:
-        gates.attention_impl = previous
         for handle in handles:
             handle.remove()

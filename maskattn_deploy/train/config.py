@@ -79,7 +79,7 @@ class TrainSection:
     seed: int = 0
     mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | no | fp16 | bf16
     gradient_checkpointing: bool = False  # recompute the frozen UNet's activations
-    gate_estimator: str = "bias"  # bias (as the authors) | relaxed: see gating/mask.py ESTIMATORS
+    gate_estimator: str = "bias"  # bias (as the authors) | relaxed: see gating/modes.py Estimator
     allow_tf32: bool = True
 
 
@@ -143,7 +143,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check ranges and choices; raise a UserError naming the bad key."""
-        from maskattn_deploy.gating.config import ESTIMATORS, PLACEMENTS, STAGES
+        from maskattn_deploy.gating.config import PLACEMENTS, STAGES
+        from maskattn_deploy.gating.modes import ESTIMATORS
 
         checks = [
             (self.data.resolution % 8 == 0 and self.data.resolution > 0,

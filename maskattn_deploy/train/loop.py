@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.gating.modes import GateMode
 from maskattn_deploy.train.checkpoint import (
     capture_rng_state,
     latest_checkpoint,
@@ -298,8 +299,9 @@ class Trainer:
             self.gates = load_gates(ckpt, self.unet)
         else:
             self.gates = install_gates(self.unet, self.config.gate_config())
-        self.gates.set_training(True)
-        self.gates.estimator = self.config.train.gate_estimator
+        # Every UNet call of the run (training and evaluation) is in this mode: see _unet.
+        self.gate_mode = GateMode.for_training(self.config.train.gate_estimator)
+        self.gates.train()
         self.params = list(self.gates.parameters())
         for param in self.params:
             param.requires_grad_(True)
@@ -436,12 +438,13 @@ class Trainer:
         time_ids: torch.Tensor,
     ) -> torch.Tensor:
         dtype = self.weight_dtype
-        return self.unet(
-            noisy.to(dtype),
-            t,
-            encoder_hidden_states=embeds.to(dtype),
-            added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
-        ).sample
+        with self.gates.mode(self.gate_mode):
+            return self.unet(
+                noisy.to(dtype),
+                t,
+                encoder_hidden_states=embeds.to(dtype),
+                added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
+            ).sample
 
     def micro_loss(self, batch: Batch) -> torch.Tensor:
         """Noise-prediction loss of one micro-batch (fp32 scalar with grad to the gates)."""
