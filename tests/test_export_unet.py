@@ -123,3 +123,7 @@ def test_unet_manifest_records_io_and_forced_open_gates(exports) -> None:
     checks = manifest["validation"]["unet"]["checks"]
     assert len(checks) == 2 and all(c["ok"] for c in checks)
     assert json.loads((exports["plain"] / "manifest.json").read_text())["gates"] is None
+    # A lone UNet gets its diffusers config (Hugging Face layout) but no pipeline index.
+    config = json.loads((exports["open"] / "unet" / "config.json").read_text())
+    assert (config["_class_name"], config["cross_attention_dim"]) == ("UNet2DConditionModel", 32)
+    assert not (exports["open"] / "model_index.json").exists()

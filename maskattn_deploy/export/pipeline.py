@@ -32,6 +32,12 @@ from maskattn_deploy.export.components import (
     vae_component,
 )
 from maskattn_deploy.export.manifest import build_manifest, write_manifest
+from maskattn_deploy.export.metadata import (
+    TOKENIZER_DIRS,
+    collect_metadata,
+    save_tokenizer,
+    write_metadata,
+)
 from maskattn_deploy.export.shapes import ShapeRanges, torch_dims
 from maskattn_deploy.export.spec import (
     CONFIG_DIRS,
@@ -441,7 +447,10 @@ def _copy_configs(pipe: Any, root: Path) -> None:
         part = getattr(pipe, name, None)
         if part is None:
             raise ExportError(f"the pipeline has no {name}; an SDXL pipeline needs one")
-        part.save_pretrained(root / name)
+        if name in TOKENIZER_DIRS:
+            save_tokenizer(part, root / name)
+        else:
+            part.save_pretrained(root / name)
 
 
 # --- public entry points -------------------------------------------------------------------
@@ -514,11 +523,13 @@ def export_pipeline(
             )
             model_entry, vae_entry = _model_info(model, pipe), _vae_info(pipe)
             components = _pipeline_components(pipe, precision, vae_fp16, vae_encoder)
+            metadata = collect_metadata(pipe, [c.name for c in components])
             results = _run_components(
                 components, tmp, ranges, opset, validate, owned, per_layer,
                 external_data_threshold, say, release=_releaser(pipe) if owned else None,
             )  # fmt: skip
             _copy_configs(pipe, tmp)
+            write_metadata(metadata, tmp)
             manifest = _finish_manifest(
                 tmp, model_entry, vae_entry, gates_entry, opset, precision, recipe_dict,
                 ranges, results, validate,
@@ -559,10 +570,12 @@ def export_unet(
     precision = "fp16" if fp16 else "fp32"
     with atomic_dir(out, overwrite=overwrite) as tmp:
         component = unet_component(unet, installed_gates(unet), precision, ranges.text_tokens)
+        metadata = collect_metadata(None, ["unet"], unet=unet)
         results = _run_components(
             [component], tmp, ranges, opset, validate, inplace, per_layer,
             external_data_threshold, say,
         )  # fmt: skip
+        write_metadata(metadata, tmp)
         from maskattn_deploy.models import unet_fingerprint
 
         src = {"spec": source, "pipeline_class": None, "unet_fingerprint": unet_fingerprint(unet)}
