@@ -23,3 +23,14 @@ class ExportError(UserError):
 
 class BackendUnavailableError(UserError):
     """A runtime backend (TensorRT, ONNX Runtime CUDA...) is not usable on this machine."""
+
+
+class InvalidValueError(UserError, ValueError):
+    """A parameter value outside its allowed range; the message names the parameter.
+
+    Also a ``ValueError``, so Python callers can catch it the usual way.
+    """
+
+
+class OutputBusyError(UserError):
+    """Another process is writing the same output (export folder, run folder, cache entry)."""

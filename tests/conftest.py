@@ -28,3 +28,16 @@ def tiny_pipe():
 def seeded() -> torch.Generator:
     torch.manual_seed(0)
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_export():
+    """The tiny model with its seeded gates, exported once into the test cache (fp32, ONNX).
+
+    Shared by every test that only reads an export; copy it before changing anything in it.
+    """
+    from maskattn_deploy.models.tiny import tiny_default_gates_dir
+    from maskattn_deploy.runtime.api import ensure_tiny_export
+
+    path, _ = ensure_tiny_export(tiny_default_gates_dir(), say=lambda line: None)
+    return path

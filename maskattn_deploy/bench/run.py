@@ -218,6 +218,10 @@ def _resolve(config: BenchConfig, say: Say) -> _Setup:
     if precision not in ("fp32", "fp16"):
         raise UserError(f"--precision {precision} is not supported; choose fp32 or fp16")
     gates, gates_error = config.gates, ""
+    if gates is not None:
+        from maskattn_deploy.gating.checkpoint import read_checkpoint
+
+        read_checkpoint(gates)  # a missing or malformed --gates is refused before any backend
     if gates is None and config.export_dir is not None and manifest.get("gates"):
         from maskattn_deploy.parity.reference import gates_path_of
 
@@ -474,6 +478,7 @@ def _unmasked_export(config: BenchConfig, setup: _Setup, say: Say) -> Path:
     from maskattn_deploy.export import export_unet
     from maskattn_deploy.models import load_pipeline
     from maskattn_deploy.runtime.api import exports_cache_dir, model_fingerprint
+    from maskattn_deploy.utils import build_once
 
     recipe = setup.manifest.get("recipe") or TINY
     name = recipe.get("name", "custom") if isinstance(recipe, dict) else recipe
@@ -485,7 +490,8 @@ def _unmasked_export(config: BenchConfig, setup: _Setup, say: Say) -> Path:
             "no plain-UNet export in the cache; run maskattn-deploy bench (it exports one "
             "once) or pass --unmasked-export DIR"
         )
-    if not (target / "manifest.json").is_file():
+
+    def export() -> None:
         say(
             f"exporting the {setup.model} UNet without gates into {target} (one-time, for the ratio)"
         )
@@ -501,6 +507,8 @@ def _unmasked_export(config: BenchConfig, setup: _Setup, say: Say) -> Path:
             source=setup.model,
             progress=say,
         )
+
+    build_once(target, lambda path: (path / "manifest.json").is_file(), export, say)
     return target
 
 

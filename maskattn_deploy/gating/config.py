@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from maskattn_deploy.checks import check_int, is_number
+from maskattn_deploy.errors import InvalidValueError
 from maskattn_deploy.ops.contract import DEFAULT_THRESHOLD
 
 Stage = Literal["high", "mid", "low", "all"]
@@ -39,8 +42,13 @@ class GateConfig:
             raise ValueError(
                 f"unknown placement {self.placement!r}; choose one of {', '.join(PLACEMENTS)}"
             )
-        if self.hidden_dim <= 0:
-            raise ValueError("hidden_dim must be positive")
+        check_int("hidden_dim", self.hidden_dim, low=1)
+        if not isinstance(self.share_heads, bool):
+            raise InvalidValueError(f"share_heads must be True or False, got {self.share_heads!r}")
+        if not is_number(self.threshold) or math.isnan(self.threshold):
+            raise InvalidValueError(
+                f"threshold must be a number (a gate logit; +-inf allowed), got {self.threshold!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -148,14 +148,16 @@ def build_tiny_pipeline(seed: int = 0):  # -> StableDiffusionXLPipeline
 def cached_pipeline_dir(name: str, build: Callable[[], Any]) -> Path:
     """``cache_root() / name``, holding ``build()`` saved as a diffusers folder (built once,
     atomically: an interrupted build leaves nothing half-written)."""
-    from maskattn_deploy.utils import atomic_dir
+    from maskattn_deploy.utils import atomic_dir, build_once
 
     target = cache_root() / name
-    if (target / "model_index.json").is_file():
-        return target
-    log.info("building %s into %s", name, target)
-    with atomic_dir(target, overwrite=True) as tmp:
-        build().save_pretrained(tmp, safe_serialization=True)
+
+    def write() -> None:
+        log.info("building %s into %s", name, target)
+        with atomic_dir(target, overwrite=True) as tmp:
+            build().save_pretrained(tmp, safe_serialization=True)
+
+    build_once(target, lambda path: (path / "model_index.json").is_file(), write, log.info)
     return target
 
 
@@ -172,14 +174,17 @@ def tiny_default_gates_dir(seed: int = 1234) -> Path:
     """
     from maskattn_deploy.gating import GateConfig, GateSet, select_layers
     from maskattn_deploy.gating.checkpoint import checkpoint_from_gates, write_checkpoint
+    from maskattn_deploy.utils import build_once
 
     target = cache_root() / f"tiny-gates-seeded-{seed}"
-    if (target / "gates.json").is_file():
-        return target
-    unet = build_tiny_unet()
-    config = GateConfig()
-    torch.manual_seed(seed)
-    gates = GateSet(config, select_layers(unet, config))
-    ckpt = checkpoint_from_gates(gates, unet, step=0, metadata={"kind": "untrained", "seed": seed})
-    write_checkpoint(ckpt, target)
+
+    def write() -> None:
+        unet = build_tiny_unet()
+        config = GateConfig()
+        torch.manual_seed(seed)
+        gates = GateSet(config, select_layers(unet, config))
+        meta = {"kind": "untrained", "seed": seed}
+        write_checkpoint(checkpoint_from_gates(gates, unet, step=0, metadata=meta), target)
+
+    build_once(target, lambda path: (path / "gates.json").is_file(), write, log.info)
     return target

@@ -25,8 +25,9 @@ from maskattn_deploy.export.spec import GRAPH_REVISION
 from maskattn_deploy.runtime.base import Backend, check_backend_name
 from maskattn_deploy.runtime.masks import render_mask_grid
 from maskattn_deploy.runtime.model_info import ExportFolderError, ModelInfo, read_manifest
-from maskattn_deploy.runtime.outputs import next_index, save_png, write_json
+from maskattn_deploy.runtime.outputs import save_png, save_run_pngs, write_json
 from maskattn_deploy.runtime.pipeline import GenerateConfig, GenerateResult, Pipeline, check_size
+from maskattn_deploy.utils import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -167,25 +168,31 @@ def tiny_export_dir(gates: Path | None, precision: str = "fp32") -> Path:
 
 def ensure_tiny_export(gates: Path | None, say: Say, precision: str = "fp32") -> tuple[Path, dict]:
     """Export the tiny model once into the cache (reused afterwards); returns (dir, cache info)."""
-    target = tiny_export_dir(gates, precision)
-    if (target / "manifest.json").is_file():
-        return target, {"path": str(target), "created": False}
-    from maskattn_deploy.export import export_pipeline
+    from maskattn_deploy.utils import build_once
 
-    say(f"exporting the tiny model to ONNX into {target} (one-time step, reused next time)")
+    target = tiny_export_dir(gates, precision)
     start = time.perf_counter()
-    export_pipeline(
-        TINY,
-        gates,
-        target,
-        fp16=precision == "fp16",
-        recipe=TINY,
-        overwrite=True,
-        no_gates=gates is None,
-        progress=lambda line: log.info("export: %s", line),
-    )
+
+    def export() -> None:
+        from maskattn_deploy.export import export_pipeline
+
+        say(f"exporting the tiny model to ONNX into {target} (one-time step, reused next time)")
+        export_pipeline(
+            TINY,
+            gates,
+            target,
+            fp16=precision == "fp16",
+            recipe=TINY,
+            overwrite=True,
+            no_gates=gates is None,
+            progress=lambda line: log.info("export: %s", line),
+        )
+        say(f"export done in {time.perf_counter() - start:.1f} s")
+
+    # Concurrent runs on a cold cache: one exports, the others wait for it and reuse it.
+    if not build_once(target, lambda path: (path / "manifest.json").is_file(), export, say):
+        return target, {"path": str(target), "created": False}
     seconds = time.perf_counter() - start
-    say(f"export done in {seconds:.1f} s")
     return target, {"path": str(target), "created": True, "seconds": round(seconds, 2)}
 
 
@@ -402,6 +409,7 @@ def early_checks(options: GenerateOptions) -> None:
         raise UserError("pass either --gates CKPT or --no-gates, not both")
     if options.no_gates and options.save_masks:
         raise UserError("--save-masks draws the gate masks, so it cannot be used with --no-gates")
+    check_output_folder(options.out)
 
 
 def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
@@ -430,12 +438,12 @@ def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
     if mask_gates is not None:
         masks, note = reference_masks(options, pipeline, result, mask_gates)
         notes.append(note)
-    out = Path(options.out)
-    first = next_index(out) if out.is_dir() else 0
-    paths = []
-    for i, image in enumerate(result.images):
-        settings = {**result.settings, "image_index": i}
-        paths.append(save_png(image, out / f"{first:05d}-s{options.seed}-{i}.png", settings))
+    paths = save_run_pngs(
+        result.images,
+        Path(options.out),
+        lambda run, i: f"{run:05d}-s{options.seed}-{i}.png",
+        lambda i: {**result.settings, "image_index": i},
+    )
     grids = write_mask_grids(result, masks, paths) if options.save_masks and masks else []
     report = GenerateReport(result, paths, grids, pipeline.info.export_dir, described, cache, notes)
     if options.json_path is not None:

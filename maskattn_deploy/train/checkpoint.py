@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from maskattn_deploy.errors import CheckpointError
-from maskattn_deploy.utils import atomic_dir
+from maskattn_deploy.utils import atomic_dir, load_weights_only
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,10 @@ def read_train_state(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a training checkpoint (no {STATE_NAME})")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, disallowed globals...: all mean "unusable"
+        state = load_weights_only(path, CheckpointError, "a training state")
+    except CheckpointError as exc:
         raise CheckpointError(
-            f"{path} is corrupt or not a training state: {str(exc).splitlines()[0]}; "
-            "delete this checkpoint folder to resume from the previous one"
+            f"{exc}; delete this checkpoint folder to resume from the previous one"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a {STATE_FORMAT} file")

@@ -22,6 +22,7 @@ optimizer are fp32; fp16 uses a gradient scaler.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -40,6 +41,8 @@ import torch.nn.functional as F
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.gating.modes import GateMode
 from maskattn_deploy.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    STATE_NAME,
     capture_rng_state,
     latest_checkpoint,
     read_train_state,
@@ -193,30 +196,45 @@ class Trainer:
         self.grad_accum = config.grad_accum_for(self.runtime.world)
         self.step = 0
         self.images_seen = 0
-        resume_from = self._prepare_run_dir(resume)
+        self._claim = contextlib.ExitStack()
+        # Everything that can be refused is checked before the run folder is written.
+        resume_from = self._check_run_dir(resume)
+        init = self._read_init_gates(resume_from)
         self._load_model()
         # After loading: building a built-in model on first use draws from the global RNG, so
         # seeding first made a run's gates depend on whether the model cache existed.
         self._seed_everything()
-        self._install_gates(resume_from)
-        self._build_data()
-        self._build_eval_batch()
-        self._release_cached_encoders()
-        self._build_optimizer()
-        if resume_from is not None:
-            self._load_state(resume_from)
+        self._install_gates(init, resume_from is not None)
+        self._open_data()
+        try:
+            self._claim_run_dir(resume_from)
+            self._build_data()
+            self._build_eval_batch()
+            self._release_cached_encoders()
+            self._build_optimizer()
+            if resume_from is not None:
+                self._load_state(resume_from)
+        except BaseException:
+            self.close()
+            raise
         self.metrics = MetricsWriter(self.out_dir, config.log.tensorboard, self.runtime.is_main)
+
+    def close(self) -> None:
+        """Release the run folder's write lock (``run`` does it when it ends)."""
+        self._claim.close()
 
     # ----------------------------------------------------------------------------- setup
 
-    def _prepare_run_dir(self, resume: bool) -> Path | None:
-        """Create the run folder or check it for resuming; returns the checkpoint to resume."""
+    def _check_run_dir(self, resume: bool) -> Path | None:
+        """Check the run folder (nothing is written); returns the checkpoint to resume from."""
         config_path = self.out_dir / CONFIG_NAME
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"--out {self.out_dir} is a file; choose a folder for the run")
         latest = latest_checkpoint(self.out_dir)
         if resume and latest is not None:
             try:
                 saved = config_from_dict(json.loads(config_path.read_text())["config"])
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise UserError(
                     f"cannot resume: {config_path} is missing or unreadable ({exc}); it records "
                     "the run's settings"
@@ -237,15 +255,26 @@ class Trainer:
                 f"{self.out_dir} already holds a training run: pass --resume to continue it, "
                 "or choose another --out"
             )
+        return None
+
+    def _claim_run_dir(self, resume_from: Path | None) -> None:
+        """Lock the run folder, remove temp files of killed runs, record the settings."""
+        from maskattn_deploy.locks import output_lock, remove_stale_temps
+
         self.runtime.barrier()  # every process has checked before the main one writes
         if self.runtime.is_main:
             try:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise UserError(f"cannot create {self.out_dir}: {exc.strerror}") from exc
-            write_json_atomic(config_path, {"config": self.config.to_dict(), **_versions()})
+            self._claim.enter_context(output_lock(self.out_dir))
+            for folder in (self.out_dir, self.out_dir / CHECKPOINTS_DIR, self.out_dir / GATES_DIR):
+                remove_stale_temps(folder)
+            if resume_from is None:
+                write_json_atomic(
+                    self.out_dir / CONFIG_NAME, {"config": self.config.to_dict(), **_versions()}
+                )
         self.runtime.barrier()
-        return None
 
     def _seed_everything(self) -> None:
         seed = self.config.train.seed
@@ -283,20 +312,28 @@ class Trainer:
             raise UserError(f"unsupported scheduler prediction type {self.prediction_type!r}")
         self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
 
-    def _install_gates(self, resume_from: Path | None) -> None:
-        from maskattn_deploy.gating import install_gates
-        from maskattn_deploy.gating.checkpoint import load_gates, read_checkpoint
+    def _read_init_gates(self, resume_from: Path | None) -> Any:
+        """The gate checkpoint to start from (resume, or ``gates.init``), read and checked."""
+        from maskattn_deploy.gating.checkpoint import read_checkpoint
 
-        init = resume_from or (Path(self.config.gates.init) if self.config.gates.init else None)
+        if resume_from is not None:
+            return read_checkpoint(resume_from)
+        if not self.config.gates.init:
+            return None
+        return read_checkpoint(Path(self.config.gates.init))
+
+    def _install_gates(self, init: Any, resuming: bool) -> None:
+        from maskattn_deploy.gating import install_gates
+        from maskattn_deploy.gating.checkpoint import load_gates
+
         if init is not None:
-            ckpt = read_checkpoint(init)
             wanted = self.config.gate_config()
-            if resume_from is None and ckpt.config != wanted:
+            if not resuming and init.config != wanted:
                 logger.warning(
                     "gates.init %s has gate config %s; it is used instead of the recipe's %s",
-                    init, ckpt.config.to_dict(), wanted.to_dict(),
+                    self.config.gates.init, init.config.to_dict(), wanted.to_dict(),
                 )  # fmt: skip
-            self.gates = load_gates(ckpt, self.unet)
+            self.gates = load_gates(init, self.unet)
         else:
             self.gates = install_gates(self.unet, self.config.gate_config())
         # Every UNet call of the run (training and evaluation) is in this mode: see _unet.
@@ -307,7 +344,7 @@ class Trainer:
             param.requires_grad_(True)
         self.runtime.broadcast_(self.params)  # every process starts from rank 0's gates
 
-    def _build_data(self) -> None:
+    def _open_data(self) -> None:
         cfg = self.config.data
         self.skips = SkipReport()
         options = DataOptions(
@@ -318,6 +355,9 @@ class Trainer:
             synthetic_size=cfg.resolution,
         )
         self.source: Source = open_source(cfg.spec, options, self.skips)
+
+    def _build_data(self) -> None:
+        cfg = self.config.data
         loader: ItemLoader = ImageItemLoader(self.source, cfg.resolution)
         workers = cfg.num_workers
         if cfg.cache != "off":
@@ -583,6 +623,16 @@ class Trainer:
 
     def _load_state(self, folder: Path) -> None:
         state = read_train_state(folder)
+        try:
+            self._restore(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            detail = f"no field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise UserError(
+                f"{folder / STATE_NAME} does not fit this run ({detail}); delete this "
+                "checkpoint folder to resume from the previous one"
+            ) from exc
+
+    def _restore(self, state: dict[str, Any]) -> None:
         positions = state["positions"]
         self.step = int(state["step"])
         self.images_seen = int(state.get("images_seen", 0))
@@ -632,6 +682,12 @@ class Trainer:
 
     def run(self, max_steps: int | None = None) -> TrainResult:
         """Train until ``train.steps`` (or ``max_steps``, a stop point that keeps the schedule)."""
+        try:
+            return self._run(max_steps)
+        finally:
+            self.close()
+
+    def _run(self, max_steps: int | None) -> TrainResult:
         cfg, rt = self.config, self.runtime
         stop = cfg.train.steps if max_steps is None else min(cfg.train.steps, max_steps)
         eval_start = self.evaluate() if rt.is_main else None
