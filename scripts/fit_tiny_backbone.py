@@ -87,7 +87,10 @@ def sample_timesteps(batch: int, gen: torch.Generator) -> torch.Tensor:
 def fit_unet(pipe, data: dict[str, torch.Tensor], steps: int, batch: int, lr: float) -> None:
     from diffusers import DDPMScheduler
 
+    from maskattn_deploy.export.component_spec import spec_template
+
     unet, n = pipe.unet, data["mean"].shape[0]
+    unet_step = spec_template("unet").adapter(unet)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     factor = pipe.vae.config.scaling_factor
     # add_embedding's input is [text_embeds, time-id embeddings]; zero the text_embeds columns.
@@ -112,10 +115,10 @@ def fit_unet(pipe, data: dict[str, torch.Tensor], steps: int, batch: int, lr: fl
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * factor
         noise = torch.randn(latents.shape, generator=gen)
         t = sample_timesteps(batch, gen)
-        pred = unet(
-            scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=data["embeds"][idx],
-            added_cond_kwargs={"text_embeds": data["pooled"][idx], "time_ids": data["time_ids"][idx]},
-        ).sample  # fmt: skip
+        pred = unet_step(
+            scheduler.add_noise(latents, noise, t), t, data["embeds"][idx], data["pooled"][idx],
+            data["time_ids"][idx],
+        )  # fmt: skip
         loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

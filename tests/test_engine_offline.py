@@ -21,6 +21,7 @@ import torch
 from _trt import requires_tensorrt
 from onnx import TensorProto, helper
 
+from maskattn_deploy.bench.sdxl_config import sdxl_unet_config
 from maskattn_deploy.engine.cuda_check import missing_for_tensorrt
 from maskattn_deploy.engine.manifest import (
     ENGINE_FORMAT,
@@ -30,8 +31,10 @@ from maskattn_deploy.engine.manifest import (
     make_engine_manifest,
     read_engine_manifest,
 )
-from maskattn_deploy.engine.profiles import component_profiles, recipe_ranges
+from maskattn_deploy.engine.profiles import component_profiles, spec_profiles
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.component_spec import ModelDims, component_spec
+from maskattn_deploy.export.recipe import ExportRecipe
 from maskattn_deploy.ops.contract import PLUGIN_NAME, PLUGIN_NAMESPACE
 from maskattn_deploy.recipes import load_recipe
 
@@ -40,10 +43,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- profiles
 
+SDXL_DIMS = ModelDims.from_unet_config(sdxl_unet_config())  # widths 2048 (text) and 1280 (pooled)
+
+
+def sdxl_profiles(recipe: dict, component: str) -> list:
+    return spec_profiles(recipe, component_spec(component, SDXL_DIMS))
+
 
 def test_sdxl_profiles_static_1024_and_dynamic_768_1024() -> None:
     recipe = load_recipe("export", "sdxl-1024")
-    static, dynamic = component_profiles(recipe, "unet")
+    static, dynamic = sdxl_profiles(recipe, "unet")
     assert (static.name, dynamic.name) == ("static-1024", "dynamic-768-1024")
     sample = static.shapes["sample"]
     assert sample.min == sample.opt == sample.max == (2, 4, 128, 128)  # 1024 px / 8
@@ -78,11 +87,11 @@ def test_tiny_profiles_with_widths_from_the_manifest() -> None:
 
 def test_vae_and_text_encoder_profiles() -> None:
     recipe = load_recipe("export", "sdxl-1024")
-    vae = component_profiles(recipe, "vae_decoder")[1].shapes["latent_sample"]
+    vae = sdxl_profiles(recipe, "vae_decoder")[1].shapes["latent_sample"]
     assert (vae.min, vae.max) == ((1, 4, 96, 96), (4, 4, 128, 128))  # images, not CFG rows
-    enc = component_profiles(recipe, "vae_encoder")[0].shapes["sample"]
+    enc = sdxl_profiles(recipe, "vae_encoder")[0].shapes["sample"]
     assert enc.opt == (1, 3, 1024, 1024)
-    ids = component_profiles(recipe, "text_encoder")[0].shapes["input_ids"]
+    ids = sdxl_profiles(recipe, "text_encoder")[0].shapes["input_ids"]
     assert ids.min == ids.max == (2, 77)
 
 
@@ -98,12 +107,13 @@ def test_static_export_dims_must_match_the_profile() -> None:
 
 
 def test_bad_recipe_profiles_are_refused() -> None:
-    with pytest.raises(UserError, match="multiples of 8"):
-        recipe_ranges({"profiles": [{"name": "odd", "batch": 1, "height": 1020, "width": 1024}]})
+    recipe = load_recipe("export", "sdxl-1024")
+    odd = {**recipe, "profiles": [{"name": "odd", "batch": 1, "height": 1000, "width": 1024}]}
+    with pytest.raises(UserError, match="multiples of 64"):
+        ExportRecipe.from_mapping(odd)
+    inv = {**recipe, "profiles": [{"name": "inv", "batch": [4, 2, 1], "height": 1024}]}
     with pytest.raises(UserError, match="min <= opt <= max"):
-        recipe_ranges(
-            {"profiles": [{"name": "inv", "batch": [4, 2, 1], "height": 1024, "width": 1024}]}
-        )
+        ExportRecipe.from_mapping(inv)
 
 
 # ---------------------------------------------------------------- engine manifests
@@ -195,11 +205,12 @@ def _fake_export(root: Path) -> Path:
 
 
 def test_plan_builds_on_a_fake_export(tmp_path: Path) -> None:
-    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest, resolve_recipe
+    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest
+    from maskattn_deploy.export.recipe import resolve_recipe
 
     export = _fake_export(tmp_path / "exp")
     manifest = read_export_manifest(export)
-    recipe = resolve_recipe(None, manifest)
+    recipe = resolve_recipe(None, manifest["recipe"])
     (job,) = plan_builds(export, manifest, recipe)
     assert job.engine_path == export / "engines" / "unet.engine"
     assert job.timing_cache == export / "engines" / "timing.cache"

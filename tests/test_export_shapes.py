@@ -7,7 +7,9 @@ import copy
 import pytest
 
 from maskattn_deploy.errors import ExportError, UserError
+from maskattn_deploy.export.component_spec import ShapePoint
 from maskattn_deploy.export.graph import check_gate_coverage
+from maskattn_deploy.export.recipe import ExportRecipe
 from maskattn_deploy.export.shapes import ShapeRanges
 from maskattn_deploy.recipes import load_recipe
 
@@ -22,8 +24,8 @@ def test_shipped_recipes_parse() -> None:
 def test_validation_points_differ_in_every_axis_and_stay_in_range() -> None:
     ranges = ShapeRanges.from_recipe(load_recipe("export", "tiny"))
     first, second = ranges.validation_points()
-    assert first == (1, 128, 128) and second == (2, 192, 128)
-    values = ranges.symbol_values(*second)
+    assert first == ShapePoint(1, 128, 128) and second == ShapePoint(2, 192, 128)
+    values = second.symbols()
     assert (values["h"], values["w"], values["H"]) == (24, 16, 192)
 
 
@@ -42,7 +44,7 @@ def test_bad_ranges_are_refused(edit, message: str) -> None:
     recipe = copy.deepcopy(load_recipe("export", "tiny"))
     edit(recipe)
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        ShapeRanges.from_recipe(recipe)
+        ExportRecipe.from_mapping(recipe)
 
 
 def test_gate_coverage_check_names_each_problem() -> None:

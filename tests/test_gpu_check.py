@@ -258,7 +258,7 @@ def test_full_size_cfg_step_runs_on_meta(monkeypatch) -> None:
     monkeypatch.setattr(processor, "masked_softmax_op", spy)
     gates = install_gates(unet, GateConfig(stage="mid"))
     with torch.no_grad(), gates.mode(attention="op"):
-        out = unet(**inputs, return_dict=False)[0]
+        out = gpu_check.unet_step_module(unet)(*inputs.values())
     assert out.shape == (2, 4, 128, 128) and out.dtype == torch.float16
     # 50 gated layers at 32x32 tokens, 20 heads: the kernel's second timing shape.
     assert seen == [((2, 20, 1024, 77), (2, 1, 1024, 77), torch.float16)] * 50

@@ -77,7 +77,6 @@ POISON = 123.0  # never a probability: any survivor in P is an unwritten element
 KERNEL_MODULE = "maskattn_deploy.plugins.masked_softmax_triton"
 PARTS = ("environment", "kernel", "unet")
 CFG_BATCH = 2  # classifier-free guidance: unconditional + conditional
-TEXT_TOKENS = 77
 Echo = Callable[[str], None]
 
 
@@ -763,25 +762,30 @@ def build_unet(plan: Plan, device: torch.device, seed: int) -> torch.nn.Module:
 def unet_inputs(
     unet: torch.nn.Module, latent: int, dtype: torch.dtype, device: torch.device, seed: int
 ) -> dict[str, Any]:
-    """One CFG step's inputs: batch 2, ``latent``x``latent`` latents, 77 text tokens."""
-    cfg = unet.config
-    text_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-    gen = torch.Generator().manual_seed(seed)
-    size = float(latent * 8)
+    """One CFG step's inputs: the UNet spec's dummy inputs at batch 2 and ``latent``x``latent``
+    latents (77 text tokens), in the graph dtypes of ``dtype`` (timestep and time_ids fp32)."""
+    from maskattn_deploy.export.component_spec import (
+        FLOAT,
+        ModelDims,
+        ShapePoint,
+        component_spec,
+    )
+    from maskattn_deploy.export.spec import LATENT_FACTOR
 
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-
+    spec = component_spec("unet", ModelDims.from_unet_config(unet.config))
+    size = latent * LATENT_FACTOR
+    feed = spec.dummy_inputs(ShapePoint(CFG_BATCH, size, size), seed)
     return {
-        "sample": randn(CFG_BATCH, cfg.in_channels, latent, latent),
-        "timestep": torch.tensor(500.0, device=device),
-        "encoder_hidden_states": randn(CFG_BATCH, TEXT_TOKENS, cfg.cross_attention_dim),
-        "added_cond_kwargs": {
-            "text_embeds": randn(CFG_BATCH, text_dim),
-            "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]] * CFG_BATCH)
-            .to(device=device, dtype=dtype),
-        },
-    }  # fmt: skip
+        t.name: feed[t.name].to(device=device, dtype=dtype if t.dtype == FLOAT else None)
+        for t in spec.inputs
+    }
+
+
+def unet_step_module(unet: torch.nn.Module) -> torch.nn.Module:
+    """The UNet's spec adapter: takes :func:`unet_inputs` positionally, as the export does."""
+    from maskattn_deploy.export.component_spec import spec_template
+
+    return spec_template("unet").adapter(unet)
 
 
 @dataclass(frozen=True)
@@ -852,16 +856,17 @@ def register_kernel_path(ctx: RunContext) -> tuple[bool, str]:
 
 def _step_fn(unet: torch.nn.Module, inputs: dict[str, Any], variant: Variant, ctx: RunContext):
     """One CFG step of ``variant`` (call after :func:`_configure`; graphs capture it here)."""
-    module = unet
+    module = unet_step_module(unet)
     if variant.compiled:
         import torch._dynamo as dynamo  # binds only `dynamo`, not a local `torch`
 
         dynamo.reset()
-        module = torch.compile(unet, backend=ctx.plan.compile_backend)
+        module = torch.compile(module, backend=ctx.plan.compile_backend)
+    args = tuple(inputs.values())
 
     def step() -> torch.Tensor:
         with torch.no_grad(), _variant_mode(unet, variant):
-            return module(**inputs, return_dict=False)[0]
+            return module(*args)
 
     if variant.graphed and ctx.device.type == "cuda":
         return _graphed(step, ctx.device)

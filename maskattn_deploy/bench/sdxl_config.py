@@ -20,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 # Published parameter count of the SDXL base UNet (2.57 B).
 SDXL_UNET_PARAMETERS = 2_567_463_684
-SDXL_TEXT_TOKENS = 77
 SDXL_POOLED_TEXT_DIM = 1280
 
 _SDXL_BASE_UNET: dict[str, Any] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -72,16 +73,17 @@ def command(
     # Library import chatter (transformers' optional-backend notes) would bury the progress.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from maskattn_deploy.export import export_pipeline
-    from maskattn_deploy.export.pipeline import human_size, resolve_recipe
+    from maskattn_deploy.export.pipeline import human_size
+    from maskattn_deploy.export.recipe import resolve_recipe
 
     start_cpu = time.process_time()
-    recipe_dict = resolve_recipe(recipe or ("tiny" if model == "tiny" else "sdxl-1024"))
+    recipe_obj = resolve_recipe(recipe or ("tiny" if model == "tiny" else "sdxl-1024"))
     result = export_pipeline(
         model,
         gates,
         out,
         fp16=fp16,
-        recipe=recipe_dict,
+        recipe=recipe_obj,
         overwrite=overwrite,
         validate=not no_validate,
         vae_fp16=vae_fp16,
@@ -100,7 +102,7 @@ def command(
         f"{result.seconds:.1f} s (CPU {cpu:.0f} s, {_load_note()})"
     )
     if fp16:
-        _engines(out, recipe_dict, no_engine)
+        _engines(out, recipe_obj, no_engine)
     else:
         click.echo("fp32 export: TensorRT builds FP16 engines only from --fp16 exports")
 
@@ -115,7 +117,7 @@ def _load_note() -> str:
     return f"{cores} cores, {load}"
 
 
-def _engines(out: Path, recipe: dict, no_engine: bool) -> None:
+def _engines(out: Path, recipe: Any, no_engine: bool) -> None:
     """Build TensorRT engines when the engine builder, TensorRT and a GPU are available."""
     if no_engine:
         click.echo(

@@ -36,14 +36,13 @@ from maskattn_deploy.engine.manifest import (
 )
 from maskattn_deploy.engine.profiles import Profile, component_profiles
 from maskattn_deploy.errors import ExportError, UserError
+from maskattn_deploy.export.recipe import ExportRecipe, check_engine_settings, resolve_recipe
 from maskattn_deploy.export.spec import ENGINES_DIR, EXPORT_FORMAT, MANIFEST_NAME
 from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_VERSION
 from maskattn_deploy.utils import atomic_path, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WORKSPACE_GIB = 4.0
-DEFAULT_OPT_LEVEL = 3
 TIMING_CACHE_NAME = "timing.cache"
 REBUILD_HINT = "rebuild with maskattn-deploy build"
 # TensorRT runtimes must outlive the engines they deserialized.
@@ -83,26 +82,6 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def resolve_recipe(
-    recipe: str | Path | Mapping[str, Any] | None, manifest: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The recipe given by name/path/dict, else the one recorded in the export manifest."""
-    from maskattn_deploy.recipes import load_recipe
-
-    if recipe is None:
-        recorded = manifest.get("recipe")
-        if isinstance(recorded, Mapping):
-            return dict(recorded)
-        if isinstance(recorded, str):
-            return load_recipe("export", recorded)
-        raise UserError(
-            "the export manifest records no recipe; pass --recipe NAME (for example sdxl-1024)"
-        )
-    if isinstance(recipe, Mapping):
-        return dict(recipe)
-    return load_recipe("export", recipe)
-
-
 def onnx_uses_plugin(onnx_path: Path) -> bool:
     """True when the graph (or a local function) holds the masked-softmax custom node."""
     import onnx
@@ -115,7 +94,7 @@ def onnx_uses_plugin(onnx_path: Path) -> bool:
 def plan_builds(
     export_dir: str | Path,
     manifest: Mapping[str, Any],
-    recipe: Mapping[str, Any],
+    recipe: ExportRecipe,
     out: str | Path | None = None,
     workspace_gib: float | None = None,
     opt_level: int | None = None,
@@ -131,21 +110,9 @@ def plan_builds(
         raise UserError(
             f"unknown component(s) {', '.join(unknown)}; this export has {', '.join(known)}"
         )
-    engine_cfg = recipe.get("engine", {})
-    workspace = float(
-        workspace_gib
-        if workspace_gib is not None
-        else engine_cfg.get("workspace_gib", DEFAULT_WORKSPACE_GIB)
-    )
-    level = int(
-        opt_level
-        if opt_level is not None
-        else engine_cfg.get("builder_optimization_level", DEFAULT_OPT_LEVEL)
-    )
-    if workspace <= 0 or not 0 <= level <= 5:
-        raise UserError(
-            f"workspace must be > 0 GiB and optimization level 0-5, got {workspace} and {level}"
-        )
+    workspace = float(workspace_gib if workspace_gib is not None else recipe.engine.workspace_gib)
+    level = int(opt_level if opt_level is not None else recipe.engine.builder_optimization_level)
+    check_engine_settings(workspace, level)
     out_dir = Path(out) if out is not None else export_dir / ENGINES_DIR
     cache = Path(timing_cache) if timing_cache is not None else out_dir / TIMING_CACHE_NAME
     files = manifest.get("files", {})
@@ -169,7 +136,7 @@ def plan_builds(
                 timing_cache=cache,
                 uses_plugin=onnx_uses_plugin(onnx_path),
                 options={"workspace_gib": workspace, "builder_optimization_level": level,
-                         "recipe": recipe.get("name"), "precision": manifest.get("precision")},
+                         "recipe": recipe.name, "precision": manifest.get("precision")},
             )
         )  # fmt: skip
     return jobs
@@ -235,9 +202,9 @@ def build_engines(
     """Build an engine per component of the export; returns the engine paths written."""
     cuda = require_tensorrt_and_gpu()
     manifest = read_export_manifest(export_dir)
-    recipe_dict = resolve_recipe(recipe, manifest)
+    recipe_obj = resolve_recipe(recipe, manifest.get("recipe"))
     jobs = plan_builds(
-        export_dir, manifest, recipe_dict, out, workspace_gib, opt_level, timing_cache, components
+        export_dir, manifest, recipe_obj, out, workspace_gib, opt_level, timing_cache, components
     )
     if any(j.uses_plugin for j in jobs):
         from maskattn_deploy._lazy import require

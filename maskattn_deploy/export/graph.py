@@ -15,8 +15,9 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from maskattn_deploy.errors import ExportError
+from maskattn_deploy.export.component_spec import FLOAT32, SPECS
 from maskattn_deploy.export.onnx_op import custom_nodes, is_custom_node, make_function
-from maskattn_deploy.export.spec import FP32_INPUTS, per_layer_output
+from maskattn_deploy.export.spec import per_layer_output
 from maskattn_deploy.ops.contract import ONNX_DOMAIN, ONNX_DOMAIN_VERSION, PLUGIN_NAME
 
 if TYPE_CHECKING:
@@ -249,7 +250,12 @@ def fp32_outside_islands(model: onnx.ModelProto, component: str) -> list[str]:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    island_values = {n for n in FP32_INPUTS.get(component, ()) if types.get(n) == fp32}
+    fixed = (
+        {t.name for t in SPECS[component].inputs if t.dtype == FLOAT32}
+        if component in SPECS
+        else set()
+    )
+    island_values = {n for n in fixed if types.get(n) == fp32}
     island_nodes: set[int] = set()
     gate_inputs = {n.input[1] for n in graph.node if is_custom_node(n)}
     for node in graph.node:

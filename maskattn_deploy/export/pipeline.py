@@ -24,12 +24,13 @@ from torch import nn
 
 from maskattn_deploy.errors import ExportError, UserError
 from maskattn_deploy.export import graph as graph_mod
+from maskattn_deploy.export.adapters import UNetModule, inner_module
+from maskattn_deploy.export.component_spec import ModelDims
 from maskattn_deploy.export.components import (
+    PIPELINE_ATTR,
     Component,
-    UNetModule,
-    text_encoder_component,
+    pipeline_component,
     unet_component,
-    vae_component,
 )
 from maskattn_deploy.export.manifest import build_manifest, write_manifest
 from maskattn_deploy.export.metadata import (
@@ -38,6 +39,7 @@ from maskattn_deploy.export.metadata import (
     save_tokenizer,
     write_metadata,
 )
+from maskattn_deploy.export.recipe import ExportRecipe, resolve_recipe
 from maskattn_deploy.export.shapes import ShapeRanges, torch_dims
 from maskattn_deploy.export.spec import (
     CONFIG_DIRS,
@@ -62,7 +64,6 @@ from maskattn_deploy.utils import atomic_dir, sha256_file
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
-MIN_OPSET = 18  # the dynamo exporter's floor
 
 
 # --- results -------------------------------------------------------------------------------
@@ -152,23 +153,6 @@ def human_size(n: int) -> str:
 # --- options -------------------------------------------------------------------------------
 
 
-def resolve_recipe(recipe: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    from maskattn_deploy.recipes import load_recipe
-
-    if isinstance(recipe, Mapping):
-        return dict(recipe)
-    return load_recipe("export", recipe)
-
-
-def recipe_opset(recipe: Mapping[str, Any]) -> int:
-    opset = recipe.get("opset", MIN_OPSET)
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise UserError(
-            f"recipe {recipe.get('name')}: opset must be an integer >= {MIN_OPSET}, got {opset!r}"
-        )
-    return opset
-
-
 def refuse_existing(out: Path, overwrite: bool) -> None:
     """Refuse an existing output before any work is done."""
     if out.exists() and not overwrite:
@@ -192,9 +176,10 @@ def _to_fp16(component: Component, inplace: bool) -> None:
 def _trace(component: Component, ranges: ShapeRanges, opset: int) -> Any:
     """Dynamo export -> ONNXProgram (weights stay shared with the torch module)."""
     dims = torch_dims(ranges)
-    example = component.random_inputs(ranges.symbol_values(*ranges.trace_point()), seed=0)
+    example = component.graph_inputs(ranges.trace_point(), seed=0)
+    axes = component.spec.dynamic_axes()
     dynamic = {
-        spec.name: {axis: dims[d] for axis, d in enumerate(spec.shape) if isinstance(d, str)}
+        spec.name: {axis: dims[d] for axis, d in axes[spec.name].items()}
         for spec in component.inputs
     }
     table = None
@@ -290,7 +275,7 @@ def _export_and_validate(
     release: Callable[[Component], None] | None = None,
 ) -> ComponentResult:
     start = time.perf_counter()
-    points = [ranges.symbol_values(*p) for p in ranges.validation_points()]
+    points = ranges.validation_points()
     refs = reference_outputs(component, points) if validate else []
     if component.precision == "fp16":
         _to_fp16(component, inplace)
@@ -313,8 +298,8 @@ def _export_and_validate(
         precision=component.precision,
         opset=opset,
         seconds=0.0,
-        inputs=[s.as_dict() for s in component.inputs],
-        outputs=[s.as_dict() for s in [*component.outputs, *extra_outputs]],
+        inputs=[s.record(component.precision) for s in component.inputs],
+        outputs=[s.record(component.precision) for s in [*component.outputs, *extra_outputs]],
         gated_layers=layers,
     )
     if validate:
@@ -357,8 +342,8 @@ def _validate(
     if failed:
         worst = max(failed, key=lambda c: c.max_abs)
         raise ExportError(
-            f"{component.name} output {worst.output} differs from PyTorch at {worst.point}: max "
-            f"abs {worst.max_abs:.3g} > tolerance {worst.tolerance:.3g} ({worst.reason})"
+            f"{component.name} output {worst.output} differs from PyTorch at {worst.point}: "
+            f"{'; '.join(worst.failures)} ({worst.tolerance.reason})"
         )
 
 
@@ -462,7 +447,7 @@ def export_pipeline(
     out: str | Path = "out/onnx",
     *,
     fp16: bool = False,
-    recipe: str | Path | Mapping[str, Any] = "tiny",
+    recipe: str | Path | Mapping[str, Any] | ExportRecipe = "tiny",
     overwrite: bool = False,
     validate: bool = True,
     vae_fp16: bool = False,
@@ -484,9 +469,8 @@ def export_pipeline(
     """
     start = time.perf_counter()
     say = progress or logger.info
-    recipe_dict = resolve_recipe(recipe)
-    ranges = ShapeRanges.from_recipe(recipe_dict)
-    opset = recipe_opset(recipe_dict)
+    recipe_obj = resolve_recipe(recipe)
+    ranges, opset = recipe_obj.shapes, recipe_obj.opset
     if vae_fp16 and not fp16:
         raise UserError("--vae-fp16 needs --fp16 (the fp32 export keeps every component fp32)")
     out = Path(out)
@@ -531,7 +515,7 @@ def export_pipeline(
             _copy_configs(pipe, tmp)
             write_metadata(metadata, tmp)
             manifest = _finish_manifest(
-                tmp, model_entry, vae_entry, gates_entry, opset, precision, recipe_dict,
+                tmp, model_entry, vae_entry, gates_entry, opset, precision, recipe_obj.as_dict(),
                 ranges, results, validate,
             )  # fmt: skip
         finally:
@@ -545,7 +529,7 @@ def export_unet(
     out: str | Path,
     *,
     fp16: bool = False,
-    recipe: str | Path | Mapping[str, Any] = "tiny",
+    recipe: str | Path | Mapping[str, Any] | ExportRecipe = "tiny",
     overwrite: bool = False,
     validate: bool = True,
     external_data_threshold: int | None = None,
@@ -562,14 +546,13 @@ def export_unet(
     """
     start = time.perf_counter()
     say = progress or logger.info
-    recipe_dict = resolve_recipe(recipe)
-    ranges = ShapeRanges.from_recipe(recipe_dict)
-    opset = recipe_opset(recipe_dict)
+    recipe_obj = resolve_recipe(recipe)
+    ranges, opset = recipe_obj.shapes, recipe_obj.opset
     out = Path(out)
     refuse_existing(out, overwrite)
     precision = "fp16" if fp16 else "fp32"
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        component = unet_component(unet, installed_gates(unet), precision, ranges.text_tokens)
+        component = unet_component(unet, installed_gates(unet), precision)
         metadata = collect_metadata(None, ["unet"], unet=unet)
         results = _run_components(
             [component], tmp, ranges, opset, validate, inplace, per_layer,
@@ -581,7 +564,7 @@ def export_unet(
         src = {"spec": source, "pipeline_class": None, "unet_fingerprint": unet_fingerprint(unet)}
         manifest = _finish_manifest(
             tmp, src, None, gates_entry if gates_entry is not None else _installed_gate_info(unet),
-            opset, precision, recipe_dict, ranges, results, validate,
+            opset, precision, recipe_obj.as_dict(), ranges, results, validate,
         )  # fmt: skip
     return ExportResult(out, manifest, results, time.perf_counter() - start)
 
@@ -590,15 +573,15 @@ def _pipeline_components(
     pipe: Any, precision: str, vae_fp16: bool, vae_encoder: bool
 ) -> list[Component]:
     vae_precision = "fp16" if vae_fp16 else "fp32"
-    text_tokens = int(pipe.tokenizer.model_max_length)
+    dims = ModelDims.from_pipe(pipe)
     components = [
-        text_encoder_component("text_encoder", pipe.text_encoder, precision, text_tokens),
-        text_encoder_component("text_encoder_2", pipe.text_encoder_2, precision, text_tokens),
-        unet_component(pipe.unet, installed_gates(pipe.unet), precision, text_tokens),
-        vae_component("vae_decoder", pipe.vae, vae_precision),
+        pipeline_component("text_encoder", pipe, precision, dims),
+        pipeline_component("text_encoder_2", pipe, precision, dims),
+        unet_component(pipe.unet, installed_gates(pipe.unet), precision, dims),
+        pipeline_component("vae_decoder", pipe, vae_precision, dims),
     ]
     if vae_encoder:
-        components.append(vae_component("vae_encoder", pipe.vae, vae_precision))
+        components.append(pipeline_component("vae_encoder", pipe, vae_precision, dims))
     return components
 
 
@@ -620,10 +603,10 @@ def _run_components(
     for i, component in enumerate(components, 1):
         say(f"[{i}/{len(components)}] {component.name}: exporting ({component.precision})")
         # The VAE decoder and encoder share one module: cast a copy while a later one needs it.
-        later = {id(_inner(c.module)) for c in components[i:]}
+        later = {id(inner_module(c.module)) for c in components[i:]}
         result = _export_and_validate(
             component, root, ranges, opset,
-            validate=validate, inplace=inplace and id(_inner(component.module)) not in later,
+            validate=validate, inplace=inplace and id(inner_module(component.module)) not in later,
             per_layer=per_layer,
             external_data_threshold=external_data_threshold, say=say, release=release,
         )  # fmt: skip
@@ -636,29 +619,13 @@ def _run_components(
     return results
 
 
-_PIPELINE_ATTR = {
-    "text_encoder": "text_encoder",
-    "text_encoder_2": "text_encoder_2",
-    "unet": "unet",
-    "vae_decoder": "vae",
-    "vae_encoder": "vae",
-}
-
-
 def _releaser(pipe: Any) -> Callable[[Component], None]:
     """Drop an exported component's module from a pipeline we loaded (frees GBs for SDXL)."""
 
     def release(component: Component) -> None:
-        setattr(pipe, _PIPELINE_ATTR[component.name], None)
+        setattr(pipe, PIPELINE_ATTR[component.name], None)
 
     return release
-
-
-def _inner(module: nn.Module) -> nn.Module:
-    for attr in ("unet", "encoder", "vae"):
-        if isinstance(getattr(module, attr, None), nn.Module):
-            return getattr(module, attr)
-    return module
 
 
 def _finish_manifest(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.component_spec import ShapePoint
 from maskattn_deploy.export.spec import (
     BATCH,
     LATENT_FACTOR,
@@ -26,7 +27,8 @@ from maskattn_deploy.export.spec import (
 Triple = tuple[int, int, int]
 
 
-def _triple(value: Any, what: str, multiple: int = 1) -> Triple:
+def check_triple(value: Any, what: str, multiple: int = 1) -> Triple:
+    """``[min, opt, max]`` (or one int for all three), each a multiple of ``multiple``."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value, value]
     if not (
@@ -55,15 +57,18 @@ class ShapeRanges:
 
     @classmethod
     def from_recipe(cls, recipe: Mapping[str, Any]) -> ShapeRanges:
-        """Parse and check ``[shapes]``; ``[[profiles]]`` must lie inside it."""
+        """Parse and check ``[shapes]`` (:class:`~maskattn_deploy.export.recipe.ExportRecipe`
+        checks the ``[[profiles]]`` against it)."""
         name = recipe.get("name", "?")
         shapes = recipe.get("shapes")
         if not isinstance(shapes, Mapping):
             raise UserError(f"export recipe {name!r} has no [shapes] table")
         ranges = cls(
-            batch=_triple(shapes.get("batch"), f"recipe {name}: shapes.batch"),
-            height=_triple(shapes.get("height"), f"recipe {name}: shapes.height", PIXEL_MULTIPLE),
-            width=_triple(shapes.get("width"), f"recipe {name}: shapes.width", PIXEL_MULTIPLE),
+            batch=check_triple(shapes.get("batch"), f"recipe {name}: shapes.batch"),
+            height=check_triple(
+                shapes.get("height"), f"recipe {name}: shapes.height", PIXEL_MULTIPLE
+            ),
+            width=check_triple(shapes.get("width"), f"recipe {name}: shapes.width", PIXEL_MULTIPLE),
             text_tokens=shapes.get("text_tokens", TEXT_TOKENS),
         )
         if ranges.text_tokens != TEXT_TOKENS:
@@ -71,19 +76,7 @@ class ShapeRanges:
                 f"recipe {name}: shapes.text_tokens must be {TEXT_TOKENS} (the CLIP encoders' "
                 f"position limit), got {ranges.text_tokens!r}"
             )
-        for i, profile in enumerate(recipe.get("profiles") or []):
-            ranges._check_profile(profile, f"recipe {name}: profile {profile.get('name', i)}")
         return ranges
-
-    def _check_profile(self, profile: Mapping[str, Any], what: str) -> None:
-        for axis, multiple in (("batch", 1), ("height", PIXEL_MULTIPLE), ("width", PIXEL_MULTIPLE)):
-            lo, _, hi = _triple(profile.get(axis, getattr(self, axis)), f"{what} {axis}", multiple)
-            bounds = getattr(self, axis)
-            if lo < bounds[0] or hi > bounds[2]:
-                raise UserError(
-                    f"{what} {axis} [{lo}..{hi}] lies outside the exported range "
-                    f"[{bounds[0]}..{bounds[2]}] of [shapes]; widen [shapes] or narrow the profile"
-                )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -93,26 +86,20 @@ class ShapeRanges:
             "text_tokens": self.text_tokens,
         }
 
-    def symbol_values(self, batch: int, height: int, width: int) -> dict[str, int]:
-        """Symbol -> size at one point (pixels in, latents derived)."""
-        return {
-            BATCH: batch,
-            PIXEL_H: height,
-            PIXEL_W: width,
-            LATENT_H: height // LATENT_FACTOR,
-            LATENT_W: width // LATENT_FACTOR,
-        }
-
-    def trace_point(self) -> tuple[int, int, int]:
-        """(batch, height, width) for tracing: batch 2 and h != w so nothing specialises."""
+    def trace_point(self) -> ShapePoint:
+        """The point traced: batch 2 and height != width so nothing specialises."""
         height = max(self.height[1], 2 * PIXEL_MULTIPLE)
-        return 2, height, height + PIXEL_MULTIPLE
+        return ShapePoint(2, height, height + PIXEL_MULTIPLE)
 
-    def validation_points(self) -> list[tuple[int, int, int]]:
+    def opt_point(self) -> ShapePoint:
+        """The recipe's optimum (the middle of each [min, opt, max])."""
+        return ShapePoint(self.batch[1], self.height[1], self.width[1])
+
+    def validation_points(self) -> list[ShapePoint]:
         """Two cheap points that differ in batch, height and width (the second only if the
         ranges allow), so validation proves the axes are dynamic."""
-        first = (self.batch[0], self.height[0], self.width[0])
-        second = (
+        first = ShapePoint(self.batch[0], self.height[0], self.width[0])
+        second = ShapePoint(
             min(self.batch[0] + 1, self.batch[2]),
             min(self.height[0] + PIXEL_MULTIPLE, self.height[2]),
             self.width[0],
@@ -129,7 +116,8 @@ def torch_dims(ranges: ShapeRanges) -> dict[str, Any]:
     """
     from torch.export import Dim
 
-    _, trace_h, trace_w = ranges.trace_point()
+    trace = ranges.trace_point()
+    trace_h, trace_w = trace.height, trace.width
     k_max = max(ranges.height[2], ranges.width[2], trace_h, trace_w) // PIXEL_MULTIPLE
     batch = Dim(BATCH, min=1, max=max(ranges.batch[2], 2))
     k_h = Dim("k_h", min=1, max=k_max)

@@ -12,7 +12,9 @@ Layout (like Hugging Face Optimum's SDXL layout)::
       tokenizer/ tokenizer_2/ scheduler/   copied configs
       engines/                 TensorRT engines + engine manifests (maskattn-deploy build)
 
-Tensor names below are the I/O names of every backend (ONNX Runtime, TensorRT, torch runner).
+Each component's tensors (names, axes, dtypes) are its spec's:
+:mod:`maskattn_deploy.export.component_spec`. This module holds the folder layout and the
+shape facts every other module imports (the latent factor, the text length, the axis symbols).
 """
 
 from __future__ import annotations
@@ -24,26 +26,6 @@ GRAPH_REVISION = 2
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 ENGINES_DIR = "engines"
-
-# component -> (input names, output names). Symbolic dims: B batch, H/W latent height/width,
-# T text tokens (77). Dtypes: float tensors follow the export precision, except timestep and
-# time_ids which stay fp32 and input_ids which are int64.
-COMPONENT_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    # sample [B,4,H,W], timestep [B] fp32, encoder_hidden_states [B,T,E], text_embeds [B,P],
-    # time_ids [B,6] fp32  ->  out_sample [B,4,H,W]
-    "unet": (
-        ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"),
-        ("out_sample",),
-    ),
-    # input_ids [B,T] int64 -> penultimate hidden states [B,T,768]
-    "text_encoder": (("input_ids",), ("hidden_states",)),
-    # input_ids [B,T] int64 -> penultimate hidden states [B,T,1280], pooled projection [B,1280]
-    "text_encoder_2": (("input_ids",), ("hidden_states", "text_embeds")),
-    # latent_sample [B,4,H,W] (already divided by the VAE scaling factor) -> sample [B,3,8H,8W]
-    "vae_decoder": (("latent_sample",), ("sample",)),
-    # sample [B,3,8H,8W] -> latent_sample [B,4,H,W] (mean of the latent distribution)
-    "vae_encoder": (("sample",), ("latent_sample",)),
-}
 
 # Names of the optional per-layer outputs added by ``--per-layer`` exports for localisation.
 PER_LAYER_OUTPUT_PREFIX = "probs/"
@@ -59,9 +41,6 @@ TEXT_TOKENS = 77
 # (UNet rows; CFG doubles it), h/w latent height/width, H/W pixel height/width. Text tokens
 # are static (TEXT_TOKENS), channel and embedding widths are the model's.
 BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W = "B", "h", "w", "H", "W"
-
-# Float tensors that stay fp32 in fp16 exports (the manifest records each input's dtype).
-FP32_INPUTS: dict[str, tuple[str, ...]] = {"unet": ("timestep", "time_ids")}
 
 # --- files ---------------------------------------------------------------------------------
 EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data

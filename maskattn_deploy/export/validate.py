@@ -3,7 +3,8 @@
 Runs on the file as saved (external data included): ``onnx.checker`` full check on the path
 (works past 2 GB), shape inference to a scratch file, an ONNX Runtime CPU session, and a
 comparison with the PyTorch fp32 reference on seeded random inputs at the recipe's validation
-points. Each output prints one line with its max abs difference, relative figure and tolerance.
+points, judged by parity's comparator (:mod:`maskattn_deploy.parity.compare`) under the
+component's tolerance (one tolerance system). Each output prints one line with its verdict.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from maskattn_deploy.errors import ExportError
+from maskattn_deploy.export.component_spec import ShapePoint, Tolerance
 
 if TYPE_CHECKING:
     import onnx
 
     from maskattn_deploy.export.components import Component
+    from maskattn_deploy.parity.compare import OutputVerdict
 
 logger = logging.getLogger(__name__)
 
@@ -33,47 +36,59 @@ VALIDATION_SEED = 1234
 
 @dataclass(frozen=True)
 class OutputCheck:
-    """One output at one shape point: ORT vs the PyTorch reference."""
+    """One output at one shape point: ONNX Runtime vs the PyTorch reference, judged by
+    parity's comparator under the component's tolerance."""
 
     component: str
     output: str
     point: str  # "B=2 192x128" (pixels)
     max_abs: float
-    max_ref: float
-    tolerance: float
-    reason: str
-    finite: bool
+    mean_abs: float
+    rel_l2: float
+    cosine: float
+    failures: tuple[str, ...]
+    tolerance: Tolerance
 
-    @property
-    def relative(self) -> float:
-        return self.max_abs / self.max_ref if self.max_ref > 0 else float("inf")
+    @classmethod
+    def from_verdict(cls, verdict: OutputVerdict, point: str) -> OutputCheck:
+        return cls(
+            component=verdict.component,
+            output=verdict.output,
+            point=point,
+            max_abs=float(verdict.max_abs),
+            mean_abs=float(verdict.mean_abs),
+            rel_l2=float(verdict.rel_l2),
+            cosine=float(verdict.cosine),
+            failures=tuple(verdict.failures),
+            tolerance=verdict.tolerance,
+        )
 
     @property
     def ok(self) -> bool:
-        return self.finite and self.max_abs <= self.tolerance
+        return not self.failures
 
     def line(self) -> str:
-        verdict = "ok" if self.ok else ("FAIL (non-finite)" if not self.finite else "FAIL")
+        verdict = "ok" if self.ok else f"FAIL ({'; '.join(self.failures)})"
         return (
             f"{self.component:>14} {self.output:<22} @ {self.point:<13} max abs "
-            f"{self.max_abs:.2e}  rel {self.relative:.2e}  tol {self.tolerance:.1e}  {verdict}"
+            f"{self.max_abs:.2e}  rel_l2 {self.rel_l2:.2e}  cos {self.cosine:.6f}  {verdict}"
         )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe (non-finite numbers become None)."""
-        values = asdict(self) | {"relative": self.relative, "ok": self.ok}
+        values = asdict(self) | {"ok": self.ok, "failures": list(self.failures)}
         return {
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in values.items()
         }
 
 
-def point_label(values: dict[str, int]) -> str:
-    return f"B={values['B']} {values['H']}x{values['W']}"
+def point_label(point: ShapePoint) -> str:
+    return f"B={point.batch} {point.height}x{point.width}"
 
 
 def reference_outputs(
-    component: Component, points: list[dict[str, int]], seed: int = VALIDATION_SEED
+    component: Component, points: list[ShapePoint], seed: int = VALIDATION_SEED
 ) -> list[tuple[dict[str, torch.Tensor], list[torch.Tensor]]]:
     """Graph-dtype inputs and fp32 PyTorch outputs per point (call before casting to fp16).
 
@@ -85,8 +100,8 @@ def reference_outputs(
     if any(p.is_floating_point() and p.dtype != torch.float32 for p in module.parameters()):
         logger.info("%s: computing the reference on an fp32 copy", component.name)
         module = copy.deepcopy(module).float()
-    for i, values in enumerate(points):
-        inputs = component.random_inputs(values, seed + i)
+    for point in points:
+        inputs = component.graph_inputs(point, seed)
         as_fp32 = [t.float() if t.is_floating_point() else t for t in inputs.values()]
         with torch.inference_mode():
             out = module(*as_fp32)
@@ -130,35 +145,30 @@ def ort_session(path: Path) -> Any:
 def compare(
     session: Any,
     component: Component,
-    points: list[dict[str, int]],
+    points: list[ShapePoint],
     references: list[tuple[dict[str, torch.Tensor], list[torch.Tensor]]],
     say: Callable[[str], None] | None = None,
 ) -> list[OutputCheck]:
-    """Run ORT at each point and compare its outputs with the references."""
+    """Run ORT at each point and judge its outputs against the references (parity's
+    comparator and the component's tolerance at the export precision)."""
+    from maskattn_deploy.parity.compare import compare_output
+
     checks = []
     names = [o.name for o in component.outputs]
-    for values, (inputs, refs) in zip(points, references, strict=True):
+    for point, (inputs, refs) in zip(points, references, strict=True):
         feed = {k: v.numpy() for k, v in inputs.items()}
         outs = session.run(names, feed)
-        for spec, got, ref in zip(component.outputs, outs, refs, strict=True):
+        for name, got, ref in zip(names, outs, refs, strict=True):
             got_t = torch.from_numpy(got).float()
             if tuple(got_t.shape) != tuple(ref.shape):
                 raise ExportError(
-                    f"{component.name} output {spec.name}: ONNX Runtime shape "
+                    f"{component.name} output {name}: ONNX Runtime shape "
                     f"{tuple(got_t.shape)} != PyTorch {tuple(ref.shape)}"
                 )
-            tol = component.tolerances[spec.name]
-            max_ref = float(ref.abs().max())
-            check = OutputCheck(
-                component=component.name,
-                output=spec.name,
-                point=point_label(values),
-                max_abs=float((got_t - ref).abs().max()),
-                max_ref=max_ref,
-                tolerance=tol.limit(max_ref),
-                reason=tol.reason,
-                finite=bool(torch.isfinite(got_t).all()),
+            verdict = compare_output(
+                component.name, name, "onnxruntime", got_t, ref, component.tolerance
             )
+            check = OutputCheck.from_verdict(verdict, point_label(point))
             checks.append(check)
             if say is not None:
                 say(check.line())

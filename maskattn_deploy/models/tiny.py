@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from maskattn_deploy.export.spec import LATENT_FACTOR, TEXT_TOKENS
+
 log = logging.getLogger(__name__)
 
 TINY_VERSION = "tiny-sdxl-v1"
@@ -33,7 +35,7 @@ def cache_root() -> Path:
 
 def tiny_unet_config() -> dict:
     return dict(
-        sample_size=TINY_RESOLUTION // 8,
+        sample_size=TINY_RESOLUTION // LATENT_FACTOR,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -83,7 +85,7 @@ def _text_encoders(vocab_size: int, seed: int) -> tuple[torch.nn.Module, torch.n
         intermediate_size=64,
         num_attention_heads=4,
         num_hidden_layers=3,
-        max_position_embeddings=77,
+        max_position_embeddings=TEXT_TOKENS,
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
         pad_token_id=vocab_size - 1,

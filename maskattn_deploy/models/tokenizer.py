@@ -15,6 +15,8 @@ from collections import Counter
 
 from transformers import CLIPTokenizer
 
+from maskattn_deploy.export.spec import TEXT_TOKENS
+
 COLOURS = [
     "red",
     "green",
@@ -312,4 +314,4 @@ def build_clip_tokenizer(num_merges: int = 1024) -> CLIPTokenizer:
     tokens = base + [c + "</w>" for c in base] + ["".join(pair) for pair in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_TOKENS)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.export.spec import COMPONENT_IO, PER_LAYER_OUTPUT_PREFIX
+from maskattn_deploy.export.component_spec import COMPONENT_IO
+from maskattn_deploy.export.spec import PER_LAYER_OUTPUT_PREFIX
 from maskattn_deploy.parity.compare import (
     OutputVerdict,
     compare_images,

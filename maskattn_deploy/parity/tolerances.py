@@ -1,4 +1,9 @@
-"""The one table of parity tolerances: per component and precision, each with its reason.
+"""The parity tolerance table: per component and precision, each with its reason.
+
+The component rows are the component specs' own
+(:data:`maskattn_deploy.export.component_spec.SPECS`, one definition used by export
+validation and parity alike); this module adds the per-layer probabilities, the final
+images and the gate-flip margins.
 
 Every backend is compared with the PyTorch fp32 reference on the same seeded inputs. An output
 passes when all four criteria hold (see :mod:`maskattn_deploy.parity.compare`):
@@ -24,30 +29,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.component_spec import PRECISIONS, SPECS, Tolerance
 
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 # Name of the per-layer attention-probability outputs in the table (``--per-layer`` exports).
 PROBS = "attention_probs"
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """Bounds for one output tensor (see the module docstring for how they combine)."""
-
-    atol: float
-    rtol: float
-    max_rel_l2: float
-    min_cosine: float
-    reason: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def describe(self) -> str:
-        return (
-            f"atol={self.atol:g} rtol={self.rtol:g} rel_l2<={self.max_rel_l2:g} "
-            f"cos>={self.min_cosine:g}"
-        )
 
 
 @dataclass(frozen=True)
@@ -74,91 +59,32 @@ class GateMargin:
     reason: str
 
 
-TOLERANCES: dict[tuple[str, str], Tolerance] = {
-    ("unet", "fp32"): Tolerance(
-        atol=1e-4,
-        rtol=1e-3,
-        max_rel_l2=1e-4,
-        min_cosine=0.99999,
-        reason="fp32 graph vs fp32 eager: op fusion/reordering only (measured max 1.5e-6, L2 9e-7)",
-    ),
-    ("text_encoder", "fp32"): Tolerance(
-        atol=1e-4,
-        rtol=1e-3,
-        max_rel_l2=1e-5,
-        min_cosine=0.99999,
-        reason="fp32 CLIP: reordered reductions in LayerNorm/softmax only (measured max 8e-7)",
-    ),
-    ("text_encoder_2", "fp32"): Tolerance(
-        atol=1e-4,
-        rtol=1e-3,
-        max_rel_l2=1e-5,
-        min_cosine=0.99999,
-        reason="fp32 CLIP with projection: same ops as text_encoder (measured max 1.4e-6)",
-    ),
-    ("vae_decoder", "fp32"): Tolerance(
-        atol=1e-3,
-        rtol=1e-3,
-        max_rel_l2=1e-4,
-        min_cosine=0.99999,
-        reason="fp32 VAE decoder: conv algorithms differ (measured max 3.8e-5, L2 9e-6)",
-    ),
-    ("vae_encoder", "fp32"): Tolerance(
-        atol=1e-3,
-        rtol=1e-3,
-        max_rel_l2=1e-4,
-        min_cosine=0.99999,
-        reason="fp32 VAE encoder: conv reordering only",
-    ),
-    (PROBS, "fp32"): Tolerance(
+# Per-layer attention probabilities (``--per-layer`` exports): not a component, so not a spec.
+_PROBS_TOLERANCES = {
+    "fp32": Tolerance(
         atol=1e-5,
         rtol=1e-3,
         max_rel_l2=1e-4,
         min_cosine=0.99999,
         reason="fp32 attention probabilities in [0, 1]: softmax of matching logits (measured 2.8e-7)",
     ),
-    ("unet", "fp16"): Tolerance(
-        atol=5e-2,
-        rtol=5e-2,
-        max_rel_l2=2e-2,
-        min_cosine=0.9995,
-        reason="fp16 graph vs fp32: 11-bit rounding compounded over the UNet (tiny: max 4.7e-3, L2 2.2e-3)",
-    ),
-    ("text_encoder", "fp16"): Tolerance(
-        atol=5e-2,
-        rtol=5e-2,
-        max_rel_l2=1e-2,
-        min_cosine=0.9995,
-        reason="fp16 CLIP vs fp32: large residual channels round coarsely (tiny: max 1.3e-3)",
-    ),
-    ("text_encoder_2", "fp16"): Tolerance(
-        atol=5e-2,
-        rtol=5e-2,
-        max_rel_l2=1e-2,
-        min_cosine=0.9995,
-        reason="fp16 CLIP vs fp32: large residual channels round coarsely (tiny: max 2.0e-3)",
-    ),
-    ("vae_decoder", "fp16"): Tolerance(
-        atol=1e-2,
-        rtol=1e-2,
-        max_rel_l2=5e-3,
-        min_cosine=0.9999,
-        reason="the exporter keeps the VAE fp32 (fp16 SDXL VAE overflows); slack for fp16 inputs",
-    ),
-    ("vae_encoder", "fp16"): Tolerance(
-        atol=1e-2,
-        rtol=1e-2,
-        max_rel_l2=5e-3,
-        min_cosine=0.9999,
-        reason="the exporter keeps the VAE fp32 (fp16 SDXL VAE overflows); slack for fp16 inputs",
-    ),
-    (PROBS, "fp16"): Tolerance(
+    "fp16": Tolerance(
         atol=1e-2,
         rtol=5e-2,
         max_rel_l2=2e-2,
         min_cosine=0.999,
         reason="fp16 probabilities after fp16 upstream drift (tiny: max 2.0e-3); flipped rows left out",
     ),
+}
+
+# (component, precision) -> tolerance: the component specs' rows, then the probabilities'.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    (name, precision): tolerance
+    for precision in PRECISIONS
+    for name, tolerance in [
+        *((n, spec.tolerance(precision)) for n, spec in SPECS.items()),
+        (PROBS, _PROBS_TOLERANCES[precision]),
+    ]
 }
 
 IMAGE_TOLERANCES: dict[str, ImageTolerance] = {
@@ -189,7 +115,7 @@ def _check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise UserError(
             f"no parity tolerances for precision {precision!r}; known: {', '.join(PRECISIONS)} "
-            "(add a row to maskattn_deploy/parity/tolerances.py)"
+            "(add its tolerances to maskattn_deploy/export/component_spec.py)"
         )
     return precision
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.export.spec import COMPONENT_IO
+from maskattn_deploy.export.component_spec import COMPONENT_IO
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.export.spec import EXPORT_FORMAT, MANIFEST_NAME
+from maskattn_deploy.export.spec import EXPORT_FORMAT, LATENT_FACTOR, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
 
 SDXL_VAE_SCALING = 0.13025
-LATENT_FACTOR = 8  # pixels per latent cell (SDXL's VAE)
 
 Range = tuple[int, int]
 

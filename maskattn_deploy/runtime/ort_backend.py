@@ -21,6 +21,7 @@ import torch
 
 from maskattn_deploy._lazy import require
 from maskattn_deploy.errors import BackendUnavailableError, UserError
+from maskattn_deploy.export.spec import LATENT_FACTOR
 from maskattn_deploy.runtime.base import (
     PIPELINE_COMPONENTS,
     Backend,
@@ -207,7 +208,7 @@ def _contract_dim(component: str, axis: int, in_shapes: dict[str, tuple[int, ...
     if component == "unet":
         return in_shapes["sample"][axis]
     if component == "vae_decoder":
-        return first[axis] * 8 if axis >= 2 else (first[0] if axis == 0 else 3)
+        return first[axis] * LATENT_FACTOR if axis >= 2 else (first[0] if axis == 0 else 3)
     if axis < len(first):
         return first[axis]
     raise UserError(

@@ -32,9 +32,10 @@ import torch
 from tqdm.auto import tqdm
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.spec import LATENT_FACTOR
 from maskattn_deploy.runtime.base import Backend
 from maskattn_deploy.runtime.masks import MaskAccumulator, token_labels
-from maskattn_deploy.runtime.model_info import LATENT_FACTOR, ModelInfo
+from maskattn_deploy.runtime.model_info import ModelInfo
 from maskattn_deploy.runtime.schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)

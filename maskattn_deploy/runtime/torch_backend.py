@@ -2,8 +2,9 @@
 
 It is the reference every other backend is compared with. Each runner takes the exact feed an
 exported component takes (same names, shapes and meaning, see
-:mod:`maskattn_deploy.export.spec`) so parity checks can hand identical inputs to torch, ONNX
-Runtime and TensorRT. The VAE always runs in fp32 (the fp16 SDXL VAE overflows).
+:mod:`maskattn_deploy.export.component_spec`) and runs the spec's module adapter, the very
+module the exporter traces, so parity checks hand identical inputs to the same computation on
+torch, ONNX Runtime and TensorRT. The VAE always runs in fp32 (the fp16 SDXL VAE overflows).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import torch
 
+from maskattn_deploy.export.adapters import as_outputs
+from maskattn_deploy.export.component_spec import FLOAT32, INT64, TensorSpec, spec_template
 from maskattn_deploy.runtime.base import Backend, ComponentRunner, Feed, as_tensor
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,8 @@ class TorchComponentRunner(ComponentRunner):
     ) -> None:
         super().__init__(component)
         self.module = module
+        self.spec = spec_template(component)
+        self.adapter = self.spec.adapter(module)  # the module the exporter traces
         self.device = device
         self.dtype = torch.float32 if component.startswith("vae") else dtype
 
@@ -45,45 +50,21 @@ class TorchComponentRunner(ComponentRunner):
     def describe(self) -> str:
         return f"torch {str(self.dtype).removeprefix('torch.')} on {self.device}"
 
-    def _float(self, value: Any) -> torch.Tensor:
-        return as_tensor(value).to(self.device, self.dtype)
+    def _cast(self, value: Any, tensor: TensorSpec) -> torch.Tensor:
+        """A feed value as the adapter takes it: int64 ids, fp32 where the spec fixes fp32
+        (timestep, time_ids), the runner's dtype for the other floats."""
+        if tensor.dtype == INT64:
+            dtype = torch.long
+        elif tensor.dtype == FLOAT32:
+            dtype = torch.float32
+        else:
+            dtype = self.dtype
+        return as_tensor(value).to(self.device, dtype)
 
     def _infer(self, feed: Feed) -> dict[str, torch.Tensor]:
+        args = [self._cast(feed[t.name], t) for t in self.spec.inputs]
         with torch.inference_mode():
-            return getattr(self, f"_run_{self.component}")(feed)
-
-    def _run_unet(self, feed: Feed) -> dict[str, torch.Tensor]:
-        out = self.module(
-            self._float(feed["sample"]),
-            as_tensor(feed["timestep"]).to(self.device, torch.float32),
-            encoder_hidden_states=self._float(feed["encoder_hidden_states"]),
-            added_cond_kwargs={
-                "text_embeds": self._float(feed["text_embeds"]),
-                "time_ids": self._float(feed["time_ids"]),
-            },
-            return_dict=False,
-        )[0]
-        return {"out_sample": out}
-
-    def _encode(self, feed: Feed) -> Any:
-        ids = as_tensor(feed["input_ids"]).to(self.device, torch.long)
-        return self.module(ids, output_hidden_states=True)
-
-    def _run_text_encoder(self, feed: Feed) -> dict[str, torch.Tensor]:
-        # SDXL conditions on the penultimate layer of both CLIP encoders.
-        return {"hidden_states": self._encode(feed).hidden_states[-2]}
-
-    def _run_text_encoder_2(self, feed: Feed) -> dict[str, torch.Tensor]:
-        out = self._encode(feed)
-        return {"hidden_states": out.hidden_states[-2], "text_embeds": out.text_embeds}
-
-    def _run_vae_decoder(self, feed: Feed) -> dict[str, torch.Tensor]:
-        latents = as_tensor(feed["latent_sample"]).to(self.device, torch.float32)
-        return {"sample": self.module.decode(latents, return_dict=False)[0]}
-
-    def _run_vae_encoder(self, feed: Feed) -> dict[str, torch.Tensor]:
-        images = as_tensor(feed["sample"]).to(self.device, torch.float32)
-        return {"latent_sample": self.module.encode(images).latent_dist.mean}
+            return as_outputs(self.spec.output_names, self.adapter(*args))
 
 
 class TorchBackend(Backend):

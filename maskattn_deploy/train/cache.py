@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.spec import LATENT_FACTOR
 from maskattn_deploy.train.data import (
     UNREADABLE_IMAGE,
     Item,
@@ -142,7 +143,8 @@ def _encode_latent_shard(
     flush()
     shape = next((m.shape for m in means if m is not None), None)
     if shape is None:  # every image of the shard failed
-        shape = torch.Size((4, resolution // 8, resolution // 8))
+        latent = resolution // LATENT_FACTOR
+        shape = torch.Size((4, latent, latent))
     zeros = torch.zeros(shape)
     tensors = {
         "mean": torch.stack([m if m is not None else zeros for m in means]),

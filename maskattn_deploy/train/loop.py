@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.component_spec import spec_template
 from maskattn_deploy.gating.modes import GateMode
 from maskattn_deploy.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -295,6 +296,8 @@ class Trainer:
         device = self.runtime.device
         pipe = load_pipeline(self.config.model, torch_dtype=torch.float32, device="cpu")
         self.unet = _to(pipe.unet, device, self.weight_dtype)
+        # The UNet's spec adapter: the very module the exporter traces.
+        self.unet_step = spec_template("unet").adapter(self.unet)
         # The VAE stays fp32 always (docs/design.md section 6.4).
         self.vae: torch.nn.Module | None = pipe.vae.to(device)
         self.vae_config = pipe.vae.config
@@ -479,12 +482,9 @@ class Trainer:
     ) -> torch.Tensor:
         dtype = self.weight_dtype
         with self.gates.mode(self.gate_mode):
-            return self.unet(
-                noisy.to(dtype),
-                t,
-                encoder_hidden_states=embeds.to(dtype),
-                added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
-            ).sample
+            return self.unet_step(
+                noisy.to(dtype), t, embeds.to(dtype), pooled.to(dtype), time_ids.to(dtype)
+            )
 
     def micro_loss(self, batch: Batch) -> torch.Tensor:
         """Noise-prediction loss of one micro-batch (fp32 scalar with grad to the gates)."""
