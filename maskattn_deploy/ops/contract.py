@@ -23,6 +23,18 @@ PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 ONNX_DOMAIN = "maskattn"
 ONNX_DOMAIN_VERSION = 1
 
+# The fused gated-attention op (scale * q k^T -> masked softmax -> p v) and its custom ONNX
+# node / TensorRT plugin, the export option --attention-node fused.
+TORCH_ATTENTION_OP_NAME = "gated_attention"
+TORCH_ATTENTION_QUALNAME = f"{TORCH_NAMESPACE}::{TORCH_ATTENTION_OP_NAME}"
+ATTENTION_PLUGIN_NAME = "MaskedCrossAttention"
+ATTENTION_PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{ATTENTION_PLUGIN_NAME}"
+
+# Implementations of gated_attention (maskattn_deploy.ops.attention): the fused Triton kernel
+# (default), PyTorch's FlexAttention, the explicit reference path.
+ATTENTION_IMPLS = ("triton", "flex", "reference")
+DEFAULT_ATTENTION_IMPL = "triton"
+
 # Default threshold on the gate logit g (sigmoid(g) > 0.5  <=>  g > 0).
 DEFAULT_THRESHOLD = 0.0
 
