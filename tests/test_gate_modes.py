@@ -52,12 +52,15 @@ def test_mode_context_nests_and_restores_even_on_error() -> None:
 
 
 def test_each_mode_takes_its_path(monkeypatch) -> None:
-    """The mode picks the path in one place: SDPA, the op, the oracle, or the training softmax."""
+    """The mode picks the path in one place: SDPA, an op, the oracle, or the training softmax."""
     calls: list[str] = []
-    real = {
-        name: getattr(processor_module, name)
-        for name in ("masked_softmax_op", "masked_softmax_reference", "training_softmax")
-    }
+    names = (
+        "masked_softmax_op",
+        "gated_attention_op",
+        "masked_softmax_reference",
+        "training_softmax",
+    )
+    real = {name: getattr(processor_module, name) for name in names}
 
     def spy(name: str):  # noqa: ANN202
         def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -83,6 +86,8 @@ def test_each_mode_takes_its_path(monkeypatch) -> None:
         GateMode(): "sdpa",  # auto on the CPU
         GateMode(attention="sdpa"): "sdpa",
         GateMode(attention="op"): "masked_softmax_op",
+        GateMode(attention="fused"): "gated_attention_op",
+        GateMode(attention="flex"): "gated_attention_op",
         GateMode(attention="reference"): "masked_softmax_reference",
         GateMode.for_training(): "training_softmax",
         GateMode(attention="sdpa", training=True): "training_softmax",

@@ -72,7 +72,7 @@ def test_forced_open_equals_stock_processor(build, inputs) -> None:
     assert not torch.allclose(masked, stock, atol=1e-3)  # real gates change the output
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "op"])
+@pytest.mark.parametrize("impl", ["sdpa", "op", "fused", "flex"])
 def test_processor_matches_explicit_attention_and_zeros_masked(impl: str) -> None:
     unet = build_tiny_unet()
     gates = install_gates(unet, GateConfig(stage="mid"))
@@ -316,7 +316,7 @@ def test_double_install_is_refused() -> None:
         install_gates(unet, GateConfig())
 
 
-@pytest.mark.parametrize("impl", ["op", "sdpa"])
+@pytest.mark.parametrize("impl", ["op", "sdpa", "fused"])
 def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
     """torch.compile traces the gated UNet without a graph break, so a compiled masked UNet is
     one graph like the stock one (graph breaks in every gated layer made the first H200 run's

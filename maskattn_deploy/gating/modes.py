@@ -26,16 +26,22 @@ _E = TypeVar("_E", bound=Enum)
 class AttentionImpl(str, Enum):
     """How a gated layer computes its masked attention at inference.
 
-    ``AUTO``: ``SDPA`` on the CPU, ``OP`` on CUDA. ``SDPA``: the open set as a -inf bias to
+    ``AUTO``: ``SDPA`` on the CPU, ``FUSED`` on CUDA. ``SDPA``: the open set as a -inf bias to
     PyTorch's fused attention (fast eager path). ``OP``: explicit probabilities through the
     ``maskattn::masked_softmax`` custom op (one node in the ONNX export, the Triton kernel on
-    CUDA). ``REFERENCE``: explicit probabilities through the oracle, never the kernel (to measure
-    what the kernel changes). Exports always trace ``OP``; training has its own path.
+    CUDA). ``FUSED``: ``scale * q k^T -> masked softmax -> p v`` in one
+    ``maskattn::gated_attention`` call (the fused Triton kernel on CUDA, the explicit reference
+    path elsewhere). ``FLEX``: the same op with PyTorch's FlexAttention (compiled on CUDA).
+    ``REFERENCE``: explicit probabilities through the oracle, never a kernel (to measure what
+    the kernels change). Exports trace ``FUSED`` as one ``MaskedCrossAttention`` node per gated
+    layer and everything else as ``OP``; training has its own path.
     """
 
     AUTO = "auto"
     SDPA = "sdpa"
     OP = "op"
+    FUSED = "fused"
+    FLEX = "flex"
     REFERENCE = "reference"
 
 

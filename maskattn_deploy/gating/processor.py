@@ -12,9 +12,11 @@ How the probabilities are formed is chosen in one place, :meth:`MaskAttnProcesso
 the GateSet's :class:`~maskattn_deploy.gating.modes.GateMode`: its ``attention`` field picks the
 inference path (:class:`~maskattn_deploy.gating.modes.AttentionImpl`: ``sdpa`` hands the open
 set to PyTorch's fused attention as a -inf bias, ``op`` calls the ``maskattn::masked_softmax``
-custom op, ``reference`` the oracle, ``auto`` is ``sdpa`` on the CPU and ``op`` on CUDA);
-exports always trace ``op`` (one node per gated layer) and training mode takes the
-straight-through path. The processor is a plain object (not an nn.Module) so that casting the
+custom op, ``fused`` and ``flex`` the ``maskattn::gated_attention`` op (QK^T, masked softmax
+and PV in one call: the fused Triton kernel or FlexAttention), ``reference`` the oracle,
+``auto`` is ``sdpa`` on the CPU and ``fused`` on CUDA); exports trace ``fused`` as one
+``MaskedCrossAttention`` node per gated layer and every other mode as ``op`` (one
+``MaskedSoftmax`` node), and training mode takes the straight-through path. The processor is a plain object (not an nn.Module) so that casting the
 UNet to fp16 never casts the gates, which stay fp32 in their :class:`GateSet`.
 """
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from maskattn_deploy.gating.mask import training_softmax
 from maskattn_deploy.gating.modes import AttentionImpl, GateMode
 from maskattn_deploy.ops.reference import masked_softmax_reference, open_mask
-from maskattn_deploy.ops.torch_op import masked_softmax_op
+from maskattn_deploy.ops.torch_op import gated_attention_op, masked_softmax_op
 
 if TYPE_CHECKING:
     from maskattn_deploy.gating.gateset import GateSet
@@ -115,6 +117,13 @@ class MaskAttnProcessor:
         impl = _implementation(mode, query)
         if impl is AttentionImpl.SDPA:
             return self._sdpa(query, key, value, gate_logits, mask, scale, mode)
+        if impl in _FUSED_KERNELS and mask is None:  # the op takes no additive mask
+            if mode.observing:
+                self.gates.observe(self.layer_name, open_mask(gate_logits, self.gates.threshold))
+            return gated_attention_op(
+                query, key, value, gate_logits, self.gates.threshold, scale,
+                impl=_FUSED_KERNELS[impl],
+            )  # fmt: skip
         logits = torch.matmul(query, key.transpose(-1, -2)) * scale  # [b, h, n, t]
         if mask is not None:
             logits = logits + mask.to(logits.dtype)
@@ -159,12 +168,22 @@ class MaskAttnProcessor:
         return masked_softmax_op(logits, gate_logits[:, None], threshold)
 
 
+# gated_attention op implementation of each fused mode (maskattn_deploy.ops.attention).
+_FUSED_KERNELS = {AttentionImpl.FUSED: "triton", AttentionImpl.FLEX: "flex"}
+
+
 def _implementation(mode: GateMode, query: torch.Tensor) -> AttentionImpl:
-    """The concrete path (never ``AUTO``): exports and training need explicit probabilities."""
-    if mode.training or _exporting():
+    """The concrete path (never ``AUTO``).
+
+    Training needs explicit probabilities; an export traces one custom node per gated layer:
+    ``MaskedCrossAttention`` in ``FUSED`` mode, ``MaskedSoftmax`` in every other mode.
+    """
+    if mode.training:
         return AttentionImpl.OP
+    if _exporting():
+        return AttentionImpl.FUSED if mode.attention is AttentionImpl.FUSED else AttentionImpl.OP
     if mode.attention is AttentionImpl.AUTO:
-        return AttentionImpl.OP if query.is_cuda else AttentionImpl.SDPA
+        return AttentionImpl.FUSED if query.is_cuda else AttentionImpl.SDPA
     return mode.attention
 
 
