@@ -109,3 +109,28 @@ def test_cpu_time_counts_work_not_waiting() -> None:
     assert 0.5 < paired.ratio < 2.0
     assert paired.cpu_ratio is not None and paired.cpu_ratio > 5
     assert paired.a.as_dict()["cpu_median_ms"] > 10
+
+
+def test_measure_uses_the_given_clock_for_every_timed_run() -> None:
+    seen: list[str] = []
+
+    def clock(fn):
+        fn()
+        seen.append("timed")
+        return 0.5, 0.25  # wall, CPU seconds of one run
+
+    calls = []
+    stats = measure(lambda: calls.append(1), repeats=3, warmup=2, clock=clock)
+    assert len(calls) == 5 and seen == ["timed"] * 3
+    assert stats.samples == (0.5, 0.5, 0.5) and stats.cpu_samples == (0.25, 0.25, 0.25)
+    paired = measure_interleaved(lambda: None, lambda: None, repeats=2, warmup=0, clock=clock)
+    assert paired.a.samples == paired.b.samples == (0.5, 0.5)
+
+
+def test_measure_stops_early_after_max_s_with_at_least_two_runs() -> None:
+    calls = []
+    stats = measure(lambda: calls.append(time.sleep(0.02)), repeats=50, warmup=0, max_s=0.03)
+    assert stats.n == 2 and len(calls) == 2  # the second run crossed 0.03 s
+    stats = measure(lambda: time.sleep(0.02), repeats=50, warmup=0, max_s=0.0)
+    assert stats.n == 2  # never fewer than two, even with no time at all
+    assert measure(lambda: None, repeats=4, warmup=0, max_s=60.0).n == 4

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskattn_deploy.bench import gpu_check
+from maskattn_deploy.bench.gpu_check.unet import unet_inputs, unet_step_module
 from maskattn_deploy.engine.profiles import component_profiles
 from maskattn_deploy.export.component_spec import (
     COMPONENT_IO,
@@ -126,18 +126,18 @@ def test_consumers_agree_with_the_model(pipe, name: str, point: ShapePoint) -> N
 def test_gpu_check_inputs_are_the_parity_feed(pipe, size: int) -> None:
     point = ShapePoint(2, size, size)  # the GPU check times one CFG step on square latents
     latent = size // 8
-    inputs = gpu_check.unet_inputs(pipe.unet, latent, torch.float32, torch.device("cpu"), 7)
+    inputs = unet_inputs(pipe.unet, latent, torch.float32, torch.device("cpu"), 7)
     feed = make_feed("unet", point, ModelDims.from_pipe(pipe), seed=7)
     assert list(inputs) == list(feed)
     for key in feed:
         assert torch.equal(inputs[key], feed[key]), key
-    half = gpu_check.unet_inputs(pipe.unet, latent, torch.float16, torch.device("cpu"), 7)
+    half = unet_inputs(pipe.unet, latent, torch.float16, torch.device("cpu"), 7)
     dtypes = {k: v.dtype for k, v in half.items()}
     assert dtypes == {"sample": torch.float16, "timestep": torch.float32,
                       "encoder_hidden_states": torch.float16, "text_embeds": torch.float16,
                       "time_ids": torch.float32}  # fmt: skip
     with torch.no_grad():
-        out = gpu_check.unet_step_module(pipe.unet)(*inputs.values())
+        out = unet_step_module(pipe.unet)(*inputs.values())
     assert tuple(out.shape) == expected_io(pipe, "unet", point)[1]["out_sample"]
 
 

@@ -16,6 +16,15 @@ import torch
 from click.testing import CliRunner
 
 from maskattn_deploy.bench import gpu_check
+from maskattn_deploy.bench.gpu_check.context import RunContext
+from maskattn_deploy.bench.gpu_check.kernel import ATOL, load_kernel
+from maskattn_deploy.bench.gpu_check.profile import PROFILED
+from maskattn_deploy.bench.gpu_check.unet import (
+    VARIANT_BY_NAME,
+    unet_inputs,
+    unet_step_module,
+    variant_skip,
+)
 from maskattn_deploy.bench.sdxl_config import (
     SDXL_UNET_PARAMETERS,
     build_sdxl_unet,
@@ -24,7 +33,7 @@ from maskattn_deploy.bench.sdxl_config import (
 )
 from maskattn_deploy.cli.main import cli
 
-# Every case of docs/design.md section 3.3, as named by gpu_check.kernel_cases.
+# Every case of docs/design.md section 3.3, as named by gpu_check.kernel.kernel_cases.
 CONTRACT_CASES = {
     "random-t1", "random-t2", "random-t77", "random-t154", "random-t231", "all-open",
     "all-closed-fallback", "one-open-token", "ties-in-gate", "threshold-0.3", "near-fp16-range",
@@ -69,7 +78,7 @@ def test_dry_run_kernel_correctness_all_pass(dry_run) -> None:
     assert corr["n_cases"] == 2 * len(CONTRACT_CASES)  # every case in fp32 and fp16
     for case in corr["cases"]:
         assert all(case["checks"].values()), case
-        assert case["max_abs_diff"] <= gpu_check.ATOL[case["dtype"]]
+        assert case["max_abs_diff"] <= ATOL[case["dtype"]]
     for row in kernel["timing"]:
         b, h, n, t = row["shape"]
         elem = 2 if row["dtype"] == "float16" else 4
@@ -98,7 +107,7 @@ def test_dry_run_unet_ratios_are_positive(dry_run) -> None:
     assert unet["model"] == "tiny" and unet["gated_layers"] == 10  # tiny: 2*2 + 3*2 mid attn2
     assert unet["kernel_path"].startswith("triton interpreter")
     variants = unet["variants"]
-    assert set(variants) == {v.name for v in gpu_check.VARIANTS}
+    assert set(variants) == set(VARIANT_BY_NAME)
     for name, row in variants.items():
         if name in gpu_check.DRY_PLAN.left_out:
             assert row["status"] == "skipped"
@@ -124,7 +133,7 @@ def test_dry_run_unet_ratios_are_positive(dry_run) -> None:
         )
     # Where the time goes: one profiled step each (CPU ops on the dry run), masked has more.
     profile = unet["profile"]
-    assert profile["status"] == "ok" and set(profile["variants"]) == set(gpu_check.PROFILED)
+    assert profile["status"] == "ok" and set(profile["variants"]) == set(PROFILED)
     for p in profile["variants"].values():
         assert p["clock"] == "cpu" and p["total_ms"] > 0 and 0 < len(p["kernels"]) <= 25
         times = [r["self_us"] for r in p["kernels"]]
@@ -169,8 +178,7 @@ def test_budget_reason_names_need_and_remainder() -> None:
 def test_missing_kernel_module_is_a_skip_reason(monkeypatch) -> None:
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(gpu_check, "KERNEL_MODULE", "maskattn_deploy.plugins.no_such_kernel")
-    module, reason = gpu_check.load_kernel(torch.device("cpu"))
+    module, reason = load_kernel(torch.device("cpu"), "maskattn_deploy.plugins.no_such_kernel")
     assert module is None and "is not importable" in reason
 
 
@@ -248,7 +256,7 @@ def test_full_size_cfg_step_runs_on_meta(monkeypatch) -> None:
     from maskattn_deploy.gating import GateConfig, install_gates, processor
 
     unet = build_sdxl_unet("meta", torch.float16)
-    inputs = gpu_check.unet_inputs(unet, 128, torch.float16, torch.device("meta"), seed=0)
+    inputs = unet_inputs(unet, 128, torch.float16, torch.device("meta"), seed=0)
     seen: list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]] = []
 
     def spy(logits, gate_logits, threshold=0.0):
@@ -258,7 +266,7 @@ def test_full_size_cfg_step_runs_on_meta(monkeypatch) -> None:
     monkeypatch.setattr(processor, "masked_softmax_op", spy)
     gates = install_gates(unet, GateConfig(stage="mid"))
     with torch.no_grad(), gates.mode(attention="op"):
-        out = gpu_check.unet_step_module(unet)(*inputs.values())
+        out = unet_step_module(unet)(*inputs.values())
     assert out.shape == (2, 4, 128, 128) and out.dtype == torch.float16
     # 50 gated layers at 32x32 tokens, 20 heads: the kernel's second timing shape.
     assert seen == [((2, 20, 1024, 77), (2, 1, 1024, 77), torch.float16)] * 50
@@ -266,22 +274,22 @@ def test_full_size_cfg_step_runs_on_meta(monkeypatch) -> None:
 
 def test_compile_variants_need_their_pair_to_fit_the_budget() -> None:
     now = [0.0]
-    ctx = gpu_check.RunContext(
+    ctx = RunContext(
         config=gpu_check.CheckConfig(), plan=gpu_check.GPU_PLAN, device=torch.device("cpu"),
         budget=gpu_check.Budget(480.0, clock=lambda: now[0]), recorder=None, timer=None,
         echo=print,
     )  # fmt: skip
-    variants = {v.name: v for v in gpu_check.VARIANTS}
+    variants = VARIANT_BY_NAME
     compile_s = gpu_check.GPU_PLAN.estimate_s["compile"]  # 130 s before anything compiled
     now[0] = 480.0 - 2 * compile_s + 1  # 259 s left: one compile fits, the pair does not
-    reason = gpu_check._variant_skip(variants["compile_unmasked"], ctx, kernel_ok=True)
+    reason = variant_skip(variants["compile_unmasked"], ctx, kernel_ok=True)
     assert reason == "budget: compile_unmasked needs ~260 s, 259 s of 480 s left"
-    assert gpu_check._variant_skip(variants["eager_masked_kernel"], ctx, kernel_ok=True) is None
-    assert gpu_check._variant_skip(variants["compile_masked_kernel"], ctx, True) is None
+    assert variant_skip(variants["eager_masked_kernel"], ctx, kernel_ok=True) is None
+    assert variant_skip(variants["compile_masked_kernel"], ctx, True) is None
     ctx.compile_s = 300.0  # the first compile took 300 s: the next is expected to take ~330 s
-    reason = gpu_check._variant_skip(variants["compile_masked_kernel"], ctx, True)
+    reason = variant_skip(variants["compile_masked_kernel"], ctx, True)
     assert reason == "budget: compile_masked_kernel needs ~330 s, 259 s of 480 s left"
     ctx.kernel_path = "kernel unavailable: no triton"
-    assert gpu_check._variant_skip(variants["eager_masked_kernel"], ctx, False) == ctx.kernel_path
+    assert variant_skip(variants["eager_masked_kernel"], ctx, False) == ctx.kernel_path
     ctx.config = gpu_check.CheckConfig(skip_compile=True)
-    assert gpu_check._variant_skip(variants["compile_masked_sdpa"], ctx, True) == "--skip-compile"
+    assert variant_skip(variants["compile_masked_sdpa"], ctx, True) == "--skip-compile"

@@ -15,6 +15,10 @@ Each run also records the process CPU time (all threads). On a CPU shared with o
 wall clock includes time spent waiting for a core; CPU time counts only the work done, so the
 CPU-time ratio of two variants stays meaningful when the wall-clock one is noisy. (On a GPU it
 is meaningless: the host mostly waits.)
+
+How one run is timed is a :data:`Clock`: by default the host's ``perf_counter`` around the call
+with ``sync`` on both sides; :func:`cuda_event_clock` times the GPU work between two CUDA events
+instead (what a CUDA-graph replay costs the device, without the host's synchronisation).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+# One timed call: ``clock(fn) -> (wall seconds, process CPU seconds)``.
+Clock = Callable[[Callable[[], Any]], tuple[float, float]]
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,28 @@ def _no_sync() -> None:
     pass
 
 
+def cuda_event_clock(device: Any = None) -> Clock:
+    """A :data:`Clock` reading CUDA events recorded around the call on the current stream.
+
+    The device finishes earlier work first (one synchronisation before the call); the
+    elapsed time is the GPU's between the two events, so host-side synchronisation stays out.
+    """
+    import torch
+
+    def clock(fn: Callable[[], Any]) -> tuple[float, float]:
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        cpu = time.process_time()
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3, time.process_time() - cpu
+
+    return clock
+
+
 def _stats(runs: list[tuple[float, float]]) -> Stats:
     return Stats(tuple(w for w, _ in runs), tuple(c for _, c in runs))
 
@@ -90,14 +119,28 @@ def measure(
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], None] = _no_sync,
+    clock: Clock | None = None,
+    max_s: float | None = None,
 ) -> Stats:
-    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls (``sync`` waits for devices)."""
+    """Time ``fn`` ``repeats`` times after ``warmup`` untimed calls (``sync`` waits for devices).
+
+    ``clock`` times one call (default: ``perf_counter`` with ``sync``). With ``max_s``, timing
+    stops early once at least two runs are in and the timed runs took longer than ``max_s``
+    of wall time (a slow variant gets fewer samples instead of eating a time budget).
+    """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
+    timed = clock or (lambda f: _timed(f, sync))
     for _ in range(warmup):
         fn()
     sync()
-    return _stats([_timed(fn, sync) for _ in range(repeats)])
+    runs: list[tuple[float, float]] = []
+    start = time.perf_counter()
+    while len(runs) < repeats:
+        runs.append(timed(fn))
+        if max_s is not None and len(runs) >= 2 and time.perf_counter() - start > max_s:
+            break
+    return _stats(runs)
 
 
 def _median_ratio(a: tuple[float, ...], b: tuple[float, ...]) -> float | None:
@@ -146,15 +189,18 @@ def measure_interleaved(
     before_a: Callable[[], None] = _no_sync,
     before_b: Callable[[], None] = _no_sync,
     settle: int = 0,
+    clock: Clock | None = None,
 ) -> PairedStats:
     """Alternate A and B (AB, BA, AB, ...) ``repeats`` times after ``warmup`` rounds of each.
 
     ``before_a`` / ``before_b`` switch the shared model into that variant (untimed), for
     variants that share one module, like a UNet with its gates installed or removed.
     ``settle`` untimed runs follow each switch before the timed run (see the module docstring).
+    ``clock`` times one run (default: ``perf_counter`` with ``sync``).
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
+    timed = clock or (lambda f: _timed(f, sync))
     for _ in range(warmup):
         before_a()
         run_a()
@@ -168,5 +214,5 @@ def measure_interleaved(
             switch()
             for _ in range(settle):
                 fn()
-            sink.append(_timed(fn, sync))
+            sink.append(timed(fn))
     return PairedStats(_stats(a), _stats(b))

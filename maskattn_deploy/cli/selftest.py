@@ -53,6 +53,6 @@ def command(
         skip_compile=skip_compile,
         seed=seed,
     )
-    results = run_check(config, echo=click.echo)
-    if not results.get("verdict", {}).get("ok", False):
+    outcome = run_check(config, echo=click.echo)
+    if not outcome.ok:
         raise SystemExit(1)  # not ctx.exit: main() runs click with standalone_mode=False
