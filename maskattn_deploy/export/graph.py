@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 from maskattn_deploy.errors import ExportError
 from maskattn_deploy.export.component_spec import FLOAT32, SPECS
-from maskattn_deploy.export.onnx_op import custom_nodes, is_custom_node, make_function
+from maskattn_deploy.export.onnx_op import (
+    FUNCTIONS,
+    NODE_TYPES,
+    custom_nodes,
+    gate_input,
+    is_custom_node,
+)
 from maskattn_deploy.export.spec import per_layer_output
 from maskattn_deploy.ops.contract import ONNX_DOMAIN, ONNX_DOMAIN_VERSION, PLUGIN_NAME
 
@@ -65,10 +71,11 @@ def attention_layer(node: Any) -> str | None:
 
 
 def layer_of_custom_node(node: Any) -> str:
-    """The gated layer a custom node belongs to: from its name ``<layer>/MaskedSoftmax``."""
-    suffix = f"/{PLUGIN_NAME}"
-    if node.name and node.name.endswith(suffix):
-        return node.name[: -len(suffix)]
+    """The gated layer a custom node belongs to: from its name ``<layer>/<op_type>``."""
+    for op_type in NODE_TYPES:
+        suffix = f"/{op_type}"
+        if node.name and node.name.endswith(suffix):
+            return node.name[: -len(suffix)]
     layer = attention_layer(node)
     if layer is None:
         raise ExportError(f"custom node {node.name!r} has no attention layer scope")
@@ -123,7 +130,7 @@ def finalize(model: ir.Model, component: Component, opset: int, per_layer: bool)
     layers = _name_custom_nodes(graph)
     check_gate_coverage(layers, component.gated_layers, _softmax_layers(graph))
     if layers:
-        _attach_function(model, opset)
+        _attach_functions(model, opset)
     if per_layer:
         _add_per_layer_outputs(graph, layers)
     for node in graph:
@@ -152,7 +159,7 @@ def _name_custom_nodes(graph: ir.Graph) -> list[str]:
         layer = attention_layer(node)
         if layer is None:
             raise ExportError("a masked-softmax node was traced outside any attention layer")
-        node.name = f"{layer}/{PLUGIN_NAME}"
+        node.name = f"{layer}/{node.op_type}"
         layers.append(layer)
     return layers
 
@@ -166,11 +173,13 @@ def _softmax_layers(nodes: Iterable[Any]) -> list[str]:
     ]
 
 
-def _attach_function(model: ir.Model, opset: int) -> None:
+def _attach_functions(model: ir.Model, opset: int) -> None:
+    """The model-local function of each custom node type the graph uses."""
     import onnx_ir as ir
 
-    function = ir.serde.deserialize_function(make_function(opset))
-    model.functions[function.identifier()] = function
+    for op_type in sorted({node.op_type for node in custom_nodes(model.graph)}):
+        function = ir.serde.deserialize_function(FUNCTIONS[op_type](opset))
+        model.functions[function.identifier()] = function
     model.opset_imports[ONNX_DOMAIN] = ONNX_DOMAIN_VERSION
     model.graph.opset_imports[ONNX_DOMAIN] = ONNX_DOMAIN_VERSION
 
@@ -179,6 +188,11 @@ def _add_per_layer_outputs(graph: ir.Graph, layers: Sequence[str]) -> None:
     import onnx_ir as ir
 
     for node, layer in zip(custom_nodes(graph), layers, strict=True):
+        if node.op_type != PLUGIN_NAME:
+            raise ExportError(
+                f"{layer}: per-layer probabilities need --attention-node softmax (the fused "
+                "node never forms them)"
+            )
         probs = node.outputs[0]
         name = per_layer_output(layer)
         identity = ir.Node("", "Identity", [probs], name=f"{layer}/probs", num_outputs=1)
@@ -257,7 +271,7 @@ def fp32_outside_islands(model: onnx.ModelProto, component: str) -> list[str]:
     )
     island_values = {n for n in fixed if types.get(n) == fp32}
     island_nodes: set[int] = set()
-    gate_inputs = {n.input[1] for n in graph.node if is_custom_node(n)}
+    gate_inputs = {gate_input(n) for n in graph.node if is_custom_node(n)}
     for node in graph.node:
         if is_custom_node(node):
             continue  # its output has the dtype of S and must never extend an island
