@@ -6,7 +6,7 @@ A gated cross-attention layer computes, for queries ``q [b, h, n, d]``, keys and
 ``k, v [b, h, t, d]`` and gate logits ``G [b, n, t]`` (fp32, shared by the heads)::
 
     s = scale * q k^T                       [b, h, n, t]
-    p = masked_softmax(s, G > threshold)    open set with the argmax fallback (docs/design.md)
+    p = masked_softmax(s, G > threshold)    open set, argmax fallback (docs/design.md section 2.2)
     o = p v                                 [b, h, n, d]
 
 The explicit path (the reference in :mod:`maskattn_deploy.ops.reference`) writes ``s`` and

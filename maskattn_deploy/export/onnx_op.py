@@ -250,7 +250,9 @@ def make_attention_function(opset: int) -> onnx.FunctionProto:
     scores = body.add("MatMul", ["query", key_t], "scores")  # [b,h,n,t], dtype of q
     scale_t = body.add("CastLike", [scale, scores], "scale_t")
     logits = body.add("Mul", [scores, scale_t], "logits")
-    axis = body.add("Constant", [], "axis1", value=helper.make_tensor("axis1", TensorProto.INT64, [1], [1]))
+    axis = body.add(
+        "Constant", [], "axis1", value=helper.make_tensor("axis1", TensorProto.INT64, [1], [1])
+    )
     gates = body.add("Unsqueeze", ["gate_logits", axis], "gates")  # [b,1,n,t]
     probs = body.masked_softmax(logits, gates, "probs")
     body.add("MatMul", [probs, "value"], "out")  # [b,h,n,d]

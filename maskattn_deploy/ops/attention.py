@@ -1,6 +1,6 @@
 """The implementations behind ``maskattn::gated_attention`` and entry points to time them.
 
-``impl`` selects one (see docs/design.md, "Attention kernels"):
+``impl`` selects one (see docs/design.md section 7.1):
 
 ``triton``
     The fused Triton kernel (:mod:`maskattn_deploy.plugins.gated_attention_triton`) for CUDA
