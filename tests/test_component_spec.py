@@ -40,26 +40,45 @@ def pipe():
 
 
 def expected_io(pipe, name: str, p: ShapePoint) -> tuple[dict, dict]:
-    """Input and output shapes of ``name`` at ``p``, from the model configs."""
+    """Input and output shapes of ``name`` at ``p``, from the model configs.
+
+    The text encoders' outputs are Optimum's layout: (``text_embeds``,) ``last_hidden_state``,
+    then ``hidden_states.0`` (embeddings) to ``hidden_states.<layers>`` (the last layer).
+    """
     unet, vae = pipe.unet.config, pipe.vae.config
     te1, te2 = pipe.text_encoder.config, pipe.text_encoder_2.config
     b, h, w = p.batch, p.height // 8, p.width // 8
     latents, image = (b, unet.in_channels, h, w), (b, vae.in_channels, p.height, p.width)
     pooled = unet.projection_class_embeddings_input_dim - 6 * unet.addition_time_embed_dim
+
+    def states(config) -> dict:
+        shape = (b, 77, config.hidden_size)
+        return {"last_hidden_state": shape} | {
+            f"hidden_states.{i}": shape for i in range(config.num_hidden_layers + 1)
+        }
+
     return {
         "unet": (
             {"sample": latents, "timestep": (b,), "time_ids": (b, 6), "text_embeds": (b, pooled),
              "encoder_hidden_states": (b, 77, te1.hidden_size + te2.hidden_size)},
             {"out_sample": latents},
         ),
-        "text_encoder": ({"input_ids": (b, 77)}, {"hidden_states": (b, 77, te1.hidden_size)}),
+        "text_encoder": ({"input_ids": (b, 77)}, states(te1)),
         "text_encoder_2": (
-            {"input_ids": (b, 77)},
-            {"hidden_states": (b, 77, te2.hidden_size), "text_embeds": (b, te2.projection_dim)},
+            {"input_ids": (b, 77)}, {"text_embeds": (b, te2.projection_dim), **states(te2)},
         ),
         "vae_decoder": ({"latent_sample": latents}, {"sample": image}),
         "vae_encoder": ({"sample": image}, {"latent_sample": latents}),
     }[name]  # fmt: skip
+
+
+def runtime_reads(pipe, name: str) -> set[str]:
+    """What the served pipeline reads: SDXL's penultimate text states and the pooled text."""
+    if name == "text_encoder":
+        return {f"hidden_states.{pipe.text_encoder.config.num_hidden_layers - 1}"}
+    if name == "text_encoder_2":
+        return {f"hidden_states.{pipe.text_encoder_2.config.num_hidden_layers - 1}", "text_embeds"}
+    return set(COMPONENT_IO[name][1])
 
 
 def export_component(pipe, name: str, precision: str = "fp32"):
@@ -106,8 +125,11 @@ def test_consumers_agree_with_the_model(pipe, name: str, point: ShapePoint) -> N
     assert {k: r.max for k, r in profile.shapes.items()} == want_in
     if name.startswith("vae"):
         assert all(r.min[0] == 1 for r in profile.shapes.values())
-    else:
-        assert all(r.min == r.opt == r.max for r in profile.shapes.values())
+    else:  # one timestep (broadcast in the graph) or one per row
+        static = {k: r for k, r in profile.shapes.items() if k != "timestep"}
+        assert all(r.min == r.opt == r.max for r in static.values())
+    if name == "unet":
+        assert profile.shapes["timestep"].min == profile.shapes["timestep"].opt == (1,)
 
     # Parity: the feed has the shapes, and the export traced the very same values.
     feed = make_feed(name, point, dims, seed=0)
@@ -117,9 +139,11 @@ def test_consumers_agree_with_the_model(pipe, name: str, point: ShapePoint) -> N
 
     # Torch backend: the runner calls the spec's adapter on the feed.
     module = getattr(pipe, PIPELINE_ATTR[name])
-    runner = TorchComponentRunner(name, module, torch.device("cpu"))
+    spec = component_spec(name, dims)
+    runner = TorchComponentRunner(name, module, torch.device("cpu"), spec=spec)
     out = runner.infer(feed)
-    assert {k: tuple(v.shape) for k, v in out.items()} == want_out
+    reads = runtime_reads(pipe, name)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {k: want_out[k] for k in reads}
 
 
 @pytest.mark.parametrize("size", [128, 256])

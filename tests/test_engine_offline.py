@@ -61,6 +61,8 @@ def test_sdxl_profiles_static_1024_and_dynamic_768_1024() -> None:
     ehs = dynamic.shapes["encoder_hidden_states"]
     assert (ehs.min, ehs.max) == ((2, 77, 2048), (4, 77, 2048))
     assert dynamic.shapes["time_ids"].max == (4, 6)
+    # One timestep broadcast in the graph (what the runtime feeds) up to one per row.
+    assert (dynamic.shapes["timestep"].min, dynamic.shapes["timestep"].opt) == ((1,), (1,))
     assert dynamic.shapes["timestep"].max == (4,)
 
 
@@ -83,6 +85,9 @@ def test_tiny_profiles_with_widths_from_the_manifest() -> None:
     )
     assert dynamic.shapes["encoder_hidden_states"].opt == (2, 77, 64)
     assert dynamic.shapes["text_embeds"].max == (4, 32)
+    # This manifest ties the timestep to the batch (exports before graph revision 3).
+    timestep, sample = dynamic.shapes["timestep"], dynamic.shapes["sample"]
+    assert (timestep.min[0], timestep.max[0]) == (sample.min[0], sample.max[0])
 
 
 def test_vae_and_text_encoder_profiles() -> None:

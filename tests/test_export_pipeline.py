@@ -144,11 +144,15 @@ def test_manifest_contract_and_hashes(fp32_export) -> None:
     assert (manifest["precision"], manifest["opset"]) == ("fp32", 18)
     assert manifest["recipe"]["name"] == "tiny" and manifest["recipe"]["profiles"]
     assert list(manifest["components"]) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    # Optimum's text-encoder layout: the tiny CLIPs have 3 layers, so 4 hidden states.
+    states = ["last_hidden_state", *(f"hidden_states.{i}" for i in range(4))]
+    outputs = {"text_encoder": states, "text_encoder_2": ["text_embeds", *states],
+               "unet": ["out_sample"], "vae_decoder": ["sample"]}  # fmt: skip
     for name, info in manifest["components"].items():
         assert info["path"] == f"{name}/model.onnx" and info["external_data"] is False
-        ins, outs = COMPONENT_IO[name]
-        assert [i["name"] for i in info["inputs"]] == list(ins)
-        assert [o["name"] for o in info["outputs"]][: len(outs)] == list(outs)
+        assert [i["name"] for i in info["inputs"]] == list(COMPONENT_IO[name][0])
+        names = [o["name"] for o in info["outputs"]]
+        assert names[: len(outputs[name])] == outputs[name]  # then probs/<layer> (--per-layer)
     unet = manifest["components"]["unet"]
     assert {i["name"]: i["dtype"] for i in unet["inputs"]} == dict.fromkeys(
         COMPONENT_IO["unet"][0], "float32"
@@ -158,6 +162,8 @@ def test_manifest_contract_and_hashes(fp32_export) -> None:
         "dtype": "int64",
         "shape": ["B", 77],
     }
+    timestep = next(i for i in unet["inputs"] if i["name"] == "timestep")
+    assert timestep["shape"] == ["S"]  # its own length: [1] is broadcast to the batch
     ckpt = read_checkpoint(tiny_default_gates_dir())
     assert manifest["gates"]["sha256"] == manifest["gate_checkpoint_sha256"] == ckpt.sha256
     assert manifest["gated_layers"] == list(ckpt.layer_to_head)

@@ -98,6 +98,22 @@ def test_forced_open_export_equals_ungated_export(exports) -> None:
         np.testing.assert_allclose(opened, plain, atol=1e-5, rtol=0)
 
 
+def test_timestep_of_one_is_broadcast_to_the_batch(exports) -> None:
+    """``timestep`` [1] (what diffusers and Optimum pass) equals [t, t]; [3] at batch 2 fails."""
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    feed = _feed(2, 16)
+    one = {**feed, "timestep": feed["timestep"][:1]}
+    both = {**feed, "timestep": np.repeat(feed["timestep"][:1], 2)}
+    for folder in (exports["open"], exports["plain"]):
+        np.testing.assert_array_equal(_run(folder, one), _run(folder, both))
+        assert not np.array_equal(_run(folder, feed), _run(folder, both))  # per-row differs
+        with pytest.raises(InvalidArgument, match="timestep/broadcast"):
+            _run(folder, {**feed, "timestep": np.array([1.0, 2.0, 3.0], np.float32)})
+    inputs = {i.name: i for i in _load(exports["open"]).graph.input}
+    assert [d.dim_param for d in inputs["timestep"].type.tensor_type.shape.dim] == ["S"]
+
+
 def test_open_export_is_gated_and_plain_export_is_not(exports) -> None:
     opened, plain = _load(exports["open"]), _load(exports["plain"])
     layers = exports["layers"]

@@ -23,6 +23,7 @@ from maskattn_deploy.export.component_spec import (
     ShapePoint,
 )
 from maskattn_deploy.export.recipe import ExportRecipe, ProfileRange, resolve_recipe
+from maskattn_deploy.export.spec import BATCH, STEPS
 
 Shape = tuple[int, ...]
 Triple = tuple[int, int, int]
@@ -64,6 +65,8 @@ def symbol_ranges(
         for symbol in DYNAMIC_SYMBOLS
     }
     values["B"] = spec.batch_range(profile.batch) if spec is not None else profile.batch
+    # Timesteps: the runtime feeds one (broadcast in the graph), a per-row feed up to the batch.
+    values[STEPS] = (1, 1, values["B"][2])
     values[TOKENS] = (text_tokens,) * 3
     return values
 
@@ -88,6 +91,8 @@ def _axes_for(
     for kind, dim in zip(template, recorded, strict=True):
         if isinstance(dim, int) and dim > 0:
             axes.append(f"{kind}={dim}" if kind in DYNAMIC_SYMBOLS else dim)
+        elif kind == STEPS and dim == BATCH:
+            axes.append(BATCH)  # exports before graph revision 3 tie the timestep to the batch
         else:
             axes.append(kind)
     return axes

@@ -47,19 +47,22 @@ class UNetModule(nn.Module):
 
 
 class TextEncoderModule(nn.Module):
-    """CLIP text encoder -> penultimate hidden states (and pooled projection for encoder 2)."""
+    """CLIP text encoder -> Optimum's output layout: (``text_embeds``,) ``last_hidden_state``,
+    then every hidden state (the embeddings, then each layer's output).
+
+    SDXL conditions on the penultimate hidden state of both encoders and on the second one's
+    pooled projection; the other outputs are what Optimum's pipeline reads by name.
+    """
 
     def __init__(self, encoder: nn.Module, pooled: bool) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooled = pooled
 
-    def forward(self, input_ids: torch.Tensor) -> Any:
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.encoder(input_ids, output_hidden_states=True, return_dict=True)
-        # SDXL conditions on the penultimate layer of both CLIP encoders.
-        if self.pooled:
-            return out.hidden_states[-2], out.text_embeds
-        return out.hidden_states[-2]
+        first = (out.text_embeds,) if self.pooled else ()
+        return (*first, out.last_hidden_state, *out.hidden_states)
 
 
 class VaeDecoderModule(nn.Module):

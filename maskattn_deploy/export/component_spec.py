@@ -15,17 +15,27 @@ and ``vae_encoder``:
   runs, training calls and the GPU check times.
 
 Axes are symbols. Dynamic ones come from a :class:`ShapePoint` (or a recipe's shape ranges):
-``B`` batch, ``h``/``w`` latent height/width, ``H``/``W`` pixel height/width. Static widths come
+``B`` batch, ``h``/``w`` latent height/width, ``H``/``W`` pixel height/width, ``S`` the UNet's
+timesteps (one per row at a shape point; 1 is broadcast to the batch inside the graph). Static
+widths come
 from the model's :class:`ModelDims`: ``T`` text tokens, ``C`` latent channels, ``I`` image
 channels, ``E`` the UNet's text width, ``P`` the pooled text width, ``E1``/``E2`` the text
-encoders' hidden widths. :func:`component_spec` resolves the static ones to integers.
+encoders' hidden widths, ``L1``/``L2`` their layer counts (one ``hidden_states.<i>`` output per
+hidden state, see :func:`hidden_state`). :func:`component_spec` resolves the static ones.
+
+The text encoders' outputs follow Hugging Face Optimum's layout (its SDXL pipeline loads the
+export unchanged, docs/optimum.md): ``last_hidden_state`` (``text_encoder``) or ``text_embeds``
+then ``last_hidden_state`` (``text_encoder_2``), then every hidden state ``hidden_states.0..N``
+(the embeddings, then each of the N layers). SDXL conditions on the penultimate one
+(:func:`penultimate_state`); :func:`runtime_outputs` names what the served pipeline reads, which
+is all a TensorRT engine keeps.
 
 Importing this module does not import torch; the methods that make tensors do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +47,7 @@ from maskattn_deploy.export.spec import (
     LATENT_W,
     PIXEL_H,
     PIXEL_W,
+    STEPS,
     TEXT_TOKENS,
 )
 
@@ -54,7 +65,9 @@ _FLOAT_OF = {"fp32": "float32", "fp16": "float16"}
 
 # Static width symbols (resolved from ModelDims).
 TOKENS, LATENT_CH, IMAGE_CH, CONTEXT, POOLED, TEXT_1, TEXT_2 = "T", "C", "I", "E", "P", "E1", "E2"
-DYNAMIC_SYMBOLS = frozenset({BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W})
+LAYERS_1, LAYERS_2 = "L1", "L2"  # hidden layers of text_encoder / text_encoder_2
+DYNAMIC_SYMBOLS = frozenset({BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W, STEPS})
+HIDDEN_STATES = "hidden_states"  # outputs hidden_states.0 .. hidden_states.N
 
 
 # --------------------------------------------------------------------------- small records
@@ -99,10 +112,11 @@ class ShapePoint:
         return self.height // LATENT_FACTOR, self.width // LATENT_FACTOR
 
     def symbols(self) -> dict[str, int]:
-        """Dynamic symbol -> size (pixels given, latents derived)."""
+        """Dynamic symbol -> size (pixels given, latents derived, one timestep per row)."""
         h, w = self.latent_hw
         return {
             BATCH: self.batch,
+            STEPS: self.batch,
             PIXEL_H: self.height,
             PIXEL_W: self.width,
             LATENT_H: h,
@@ -123,6 +137,7 @@ class ModelDims:
     latent_channels: int = 4
     image_channels: int = 3
     text_widths: tuple[int, int] = (768, 1280)  # hidden widths of text_encoder, text_encoder_2
+    text_layers: tuple[int, int] = (12, 32)  # hidden layers of text_encoder, text_encoder_2
 
     def symbols(self) -> dict[str, int]:
         return {
@@ -133,6 +148,8 @@ class ModelDims:
             POOLED: self.pooled_dim,
             TEXT_1: self.text_widths[0],
             TEXT_2: self.text_widths[1],
+            LAYERS_1: self.text_layers[0],
+            LAYERS_2: self.text_layers[1],
         }
 
     @classmethod
@@ -151,6 +168,10 @@ class ModelDims:
             text_widths=(
                 int(pipe.text_encoder.config.hidden_size),
                 int(pipe.text_encoder_2.config.hidden_size),
+            ),
+            text_layers=(
+                int(pipe.text_encoder.config.num_hidden_layers),
+                int(pipe.text_encoder_2.config.num_hidden_layers),
             ),
         )
 
@@ -180,12 +201,17 @@ class TensorSpec:
     Gaussian: latents, hidden states), ``timestep`` (integers in the training range),
     ``time_ids`` (SDXL micro-conditioning of the point's size), ``token_ids`` (start token,
     words, end token, end-token padding) or ``image`` (uniform in [-1, 1]).
+
+    ``per_state`` (a layer-count symbol such as ``L1``) makes the tensor a family of outputs,
+    one per hidden state: ``<name>.0`` (the embeddings) to ``<name>.<count>`` (the last layer);
+    :meth:`ComponentSpec.with_dims` expands it.
     """
 
     name: str
     shape: tuple[Dim, ...]
     dtype: str = FLOAT
     fill: str = "normal"
+    per_state: str | None = None
 
     def dtype_at(self, precision: str) -> str:
         """The concrete dtype name in an export of ``precision`` (fp32 / fp16)."""
@@ -208,6 +234,17 @@ class TensorSpec:
     def with_widths(self, widths: Mapping[str, int]) -> TensorSpec:
         """The same tensor with its static width symbols replaced by integers."""
         return replace(self, shape=tuple(widths.get(d, d) for d in self.shape))  # type: ignore[arg-type]
+
+    def expanded(self, widths: Mapping[str, int]) -> tuple[TensorSpec, ...]:
+        """This tensor with resolved widths; a ``per_state`` family as its members."""
+        tensor = self.with_widths(widths)
+        if self.per_state is None:
+            return (tensor,)
+        count = int(widths[self.per_state])
+        return tuple(
+            replace(tensor, name=hidden_state(i, self.name), per_state=None)
+            for i in range(count + 1)
+        )
 
 
 # --------------------------------------------------------------------------- the spec
@@ -245,7 +282,7 @@ class ComponentSpec:
         return replace(
             self,
             inputs=tuple(t.with_widths(widths) for t in self.inputs),
-            outputs=tuple(t.with_widths(widths) for t in self.outputs),
+            outputs=tuple(member for t in self.outputs for member in t.expanded(widths)),
             dims=dims,
         )
 
@@ -383,7 +420,7 @@ _UNET = ComponentSpec(
     name="unet",
     inputs=(
         TensorSpec("sample", (BATCH, LATENT_CH, LATENT_H, LATENT_W)),
-        TensorSpec("timestep", (BATCH,), FLOAT32, "timestep"),
+        TensorSpec("timestep", (STEPS,), FLOAT32, "timestep"),
         TensorSpec("encoder_hidden_states", (BATCH, TOKENS, CONTEXT)),
         TensorSpec("text_embeds", (BATCH, POOLED)),
         TensorSpec("time_ids", (BATCH, 6), FLOAT32, "time_ids"),
@@ -406,13 +443,16 @@ _UNET = ComponentSpec(
             "L2 2.2e-3)",
         ),
     },  # fmt: skip
-    summary="noise prediction: latents, timestep (fp32), text states, pooled text, size ids "
-    "(fp32) -> out_sample",
+    summary="noise prediction: latents, timestep (fp32; [1] or one per row), text states, "
+    "pooled text, size ids (fp32) -> out_sample",
 )
 _TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
     inputs=(TensorSpec("input_ids", (BATCH, TOKENS), INT64, "token_ids"),),
-    outputs=(TensorSpec("hidden_states", (BATCH, TOKENS, TEXT_1)),),
+    outputs=(
+        TensorSpec("last_hidden_state", (BATCH, TOKENS, TEXT_1)),
+        TensorSpec(HIDDEN_STATES, (BATCH, TOKENS, TEXT_1), per_state=LAYERS_1),
+    ),
     tolerances={
         "fp32": Tolerance(
             1e-4,
@@ -423,14 +463,15 @@ _TEXT_ENCODER = ComponentSpec(
         ),
         "fp16": Tolerance(5e-2, 5e-2, 1e-2, 0.9995, f"{_CLIP_FP16} (tiny: max 1.3e-3)"),
     },  # fmt: skip
-    summary="CLIP token ids -> penultimate hidden states",
+    summary="CLIP token ids -> last hidden state (final norm), every hidden state",
 )
 _TEXT_ENCODER_2 = ComponentSpec(
     name="text_encoder_2",
     inputs=(TensorSpec("input_ids", (BATCH, TOKENS), INT64, "token_ids"),),
     outputs=(
-        TensorSpec("hidden_states", (BATCH, TOKENS, TEXT_2)),
         TensorSpec("text_embeds", (BATCH, POOLED)),
+        TensorSpec("last_hidden_state", (BATCH, TOKENS, TEXT_2)),
+        TensorSpec(HIDDEN_STATES, (BATCH, TOKENS, TEXT_2), per_state=LAYERS_2),
     ),
     tolerances={
         "fp32": Tolerance(
@@ -442,7 +483,7 @@ _TEXT_ENCODER_2 = ComponentSpec(
         ),
         "fp16": Tolerance(5e-2, 5e-2, 1e-2, 0.9995, f"{_CLIP_FP16} (tiny: max 2.0e-3)"),
     },  # fmt: skip
-    summary="CLIP token ids -> penultimate hidden states and the pooled projection",
+    summary="CLIP token ids -> pooled projection, last hidden state, every hidden state",
 )
 _VAE_DECODER = ComponentSpec(
     name="vae_decoder",
@@ -481,6 +522,39 @@ SPECS: dict[str, ComponentSpec] = {
 COMPONENT_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     name: (spec.input_names, spec.output_names) for name, spec in SPECS.items()
 }
+
+
+def hidden_state(index: int, family: str = HIDDEN_STATES) -> str:
+    """Output name of hidden state ``index`` (0: the embeddings, N: the last layer's)."""
+    return f"{family}.{index}"
+
+
+def penultimate_state(outputs: Iterable[str]) -> str:
+    """The penultimate hidden state among a text encoder's outputs (all of them, as exported):
+    ``hidden_states.<N-1>`` of ``hidden_states.0..N``, the layer SDXL conditions on."""
+    prefix = f"{HIDDEN_STATES}."
+    indices = [int(n[len(prefix) :]) for n in outputs if n.startswith(prefix)]
+    if len(indices) < 2:
+        raise UserError(
+            "the text encoder has no hidden_states.<i> outputs; re-export it with this version "
+            "of maskattn-deploy export"
+        )
+    return hidden_state(max(indices) - 1)
+
+
+def runtime_outputs(component: str, outputs: Iterable[str]) -> tuple[str, ...]:
+    """The outputs the served pipeline reads among ``component``'s exported ``outputs``.
+
+    The text encoders: the penultimate hidden state (and ``text_embeds``), not the other
+    states Optimum's layout adds; every other component: its spec's outputs (not ``--per-layer``
+    probabilities). A TensorRT engine keeps just these marked.
+    """
+    outputs = tuple(outputs)
+    if component in ("text_encoder", "text_encoder_2"):
+        keep = {penultimate_state(outputs), "text_embeds"}
+    else:
+        keep = set(spec_template(component).output_names)
+    return tuple(n for n in outputs if n in keep)
 
 
 def spec_template(name: str) -> ComponentSpec:

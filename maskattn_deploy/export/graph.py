@@ -23,7 +23,7 @@ from maskattn_deploy.export.onnx_op import (
     gate_input,
     is_custom_node,
 )
-from maskattn_deploy.export.spec import per_layer_output
+from maskattn_deploy.export.spec import BATCH, STEPS, per_layer_output
 from maskattn_deploy.ops.contract import ONNX_DOMAIN, ONNX_DOMAIN_VERSION, PLUGIN_NAME
 
 if TYPE_CHECKING:
@@ -127,6 +127,7 @@ def finalize(model: ir.Model, component: Component, opset: int, per_layer: bool)
     """Prepare the exported model in place; returns the gated layers (checkpoint order)."""
     graph = model.graph
     _set_io(graph, component)
+    broadcast_steps(graph)
     layers = _name_custom_nodes(graph)
     check_gate_coverage(layers, component.gated_layers, _softmax_layers(graph))
     if layers:
@@ -151,6 +152,36 @@ def _set_io(graph: ir.Graph, component: Component) -> None:
             raise ExportError(f"{component.name}: exported I/O {names} differ from the contract")
         for value, spec in zip(values, specs, strict=True):
             value.shape = ir.Shape(list(spec.shape))
+
+
+def broadcast_steps(graph: ir.Graph) -> None:
+    """Let inputs with a timestep axis (``S``) have a length of their own, broadcast in the graph.
+
+    The UNet is traced with one timestep per row, so its graph uses ``timestep`` as a ``[B]``
+    tensor. Hugging Face Optimum's pipeline feeds ``[1]`` at any batch (diffusers passes one
+    timestep per step), so the input becomes ``[S]`` and an ``Expand`` to the batch of the
+    first ``[B, ...]`` input feeds what used it: ``[1]`` and ``[B]`` both work, any other
+    length fails in the runtime's shape check of that ``Expand``.
+    """
+    import onnx_ir as ir
+
+    batch_source = next(
+        (v for v in graph.inputs if v.shape is not None and v.shape.dims[:1] == (BATCH,)), None
+    )
+    for value in graph.inputs:
+        if value.shape is None or value.shape.dims[:1] != (STEPS,):
+            continue
+        if batch_source is None:
+            raise ExportError(f"input {value.name} has a timestep axis but no input has a batch")
+        uses = list(value.uses())
+        batch = ir.node("Shape", [batch_source], {"start": 0, "end": 1}, name=f"{value.name}/batch")
+        expand = ir.node("Expand", [value, batch.outputs[0]], name=f"{value.name}/broadcast")
+        out = expand.outputs[0]
+        out.name, out.type = f"{value.name}/broadcast", value.type
+        out.shape = ir.Shape([BATCH, *value.shape.dims[1:]])
+        for use in uses:
+            use.node.replace_input_with(use.idx, out)
+        graph.insert_before(graph.node(0), [batch, expand])
 
 
 def _name_custom_nodes(graph: ir.Graph) -> list[str]:

@@ -21,6 +21,7 @@ from maskattn_deploy.export.spec import (
     PIXEL_H,
     PIXEL_MULTIPLE,
     PIXEL_W,
+    STEPS,
     TEXT_TOKENS,
 )
 
@@ -125,6 +126,8 @@ def torch_dims(ranges: ShapeRanges) -> dict[str, Any]:
     step = PIXEL_MULTIPLE // LATENT_FACTOR
     return {
         BATCH: batch,
+        # Traced as one timestep per row; graph.broadcast_steps then lets [1] in as well.
+        STEPS: batch,
         LATENT_H: step * k_h,
         LATENT_W: step * k_w,
         PIXEL_H: PIXEL_MULTIPLE * k_h,

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 EXPORT_FORMAT = "maskattn-deploy-export/1"
 # Bumped whenever the exported graphs change for the same model and gates (for example the
-# masked-softmax decomposition), so cached exports made by an older version are not reused.
-GRAPH_REVISION = 2
+# masked-softmax decomposition, or the Optimum-compatible encoder outputs and timestep axis of
+# revision 3), so cached exports made by an older version are not reused.
+GRAPH_REVISION = 3
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 ENGINES_DIR = "engines"
@@ -38,9 +39,11 @@ PIXEL_MULTIPLE = 64
 TEXT_TOKENS = 77
 
 # Symbolic axis names used in the ONNX graphs' inputs/outputs and in the manifest: B batch
-# (UNet rows; CFG doubles it), h/w latent height/width, H/W pixel height/width. Text tokens
-# are static (TEXT_TOKENS), channel and embedding widths are the model's.
+# (UNet rows; CFG doubles it), h/w latent height/width, H/W pixel height/width, S the UNet's
+# timesteps (1, broadcast to the batch inside the graph, or one per row). Text tokens are
+# static (TEXT_TOKENS), channel and embedding widths are the model's.
 BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W = "B", "h", "w", "H", "W"
+STEPS = "S"
 
 # --- files ---------------------------------------------------------------------------------
 EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,11 +62,15 @@ def as_numpy(value: np.ndarray | torch.Tensor, dtype: np.dtype | None = None) ->
 class ComponentRunner(abc.ABC):
     """Runs one component. Subclasses implement :meth:`_activate`, :meth:`_infer`, :meth:`_deactivate`."""
 
-    def __init__(self, component: str) -> None:
+    def __init__(self, component: str, outputs: Sequence[str] | None = None) -> None:
+        """``outputs``: the outputs to return (default: the spec's, which the text encoders
+        must name: theirs depend on the model's depth, see ``runtime_outputs``)."""
         if component not in COMPONENT_IO:
             raise UserError(f"unknown component {component!r}; known: {', '.join(COMPONENT_IO)}")
         self.component = component
         self.input_names, self.output_names = COMPONENT_IO[component]
+        if outputs is not None:
+            self.output_names = tuple(outputs)
         self.active = False
 
     def activate(self) -> ComponentRunner:

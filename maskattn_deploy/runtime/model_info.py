@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.component_spec import hidden_state, penultimate_state
 from maskattn_deploy.export.spec import EXPORT_FORMAT, LATENT_FACTOR, MANIFEST_NAME
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ModelInfo:
     batch_range: Range | None = None  # UNet rows (CFG doubles the image count)
     precision: str = "fp32"
     export_dir: Path | None = None
+    # The text encoders' outputs the UNet is conditioned on (their penultimate hidden states).
+    text_states: tuple[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -70,6 +73,10 @@ class ModelInfo:
                 pipe.config.get("force_zeros_for_empty_prompt", True)
             ),
             default_size=(size, size),
+            text_states=(
+                hidden_state(int(pipe.text_encoder.config.num_hidden_layers) - 1),
+                hidden_state(int(pipe.text_encoder_2.config.num_hidden_layers) - 1),
+            ),
         )
 
     @classmethod
@@ -103,6 +110,7 @@ class ModelInfo:
             batch_range=_range(shapes.get("batch")),
             precision=str(manifest.get("precision", "fp32")),
             export_dir=export_dir,
+            text_states=_text_states(manifest),
             extra={"manifest": manifest},
         )
 
@@ -145,6 +153,18 @@ def gates_sha256_of(manifest: dict[str, Any]) -> str | None:
     if isinstance(gates, str):
         return gates
     return gates.get("sha256") or gates.get("tensors_sha256")
+
+
+def _text_states(manifest: dict[str, Any]) -> tuple[str, str] | None:
+    """The penultimate hidden-state outputs of both text encoders (None: not exported)."""
+    components = manifest.get("components", {})
+    if "text_encoder" not in components or "text_encoder_2" not in components:
+        return None
+    first, second = (
+        penultimate_state(o["name"] for o in components[name].get("outputs", []))
+        for name in ("text_encoder", "text_encoder_2")
+    )
+    return first, second
 
 
 def _load(cls: Any, folder: Path) -> Any:

@@ -21,6 +21,7 @@ import torch
 
 from maskattn_deploy._lazy import require
 from maskattn_deploy.errors import BackendUnavailableError, UserError
+from maskattn_deploy.export.component_spec import runtime_outputs
 from maskattn_deploy.export.spec import LATENT_FACTOR
 from maskattn_deploy.runtime.base import (
     PIPELINE_COMPONENTS,
@@ -78,8 +79,9 @@ class OrtComponentRunner(ComponentRunner):
         provider: str = "cpu",
         threads: int | None = None,
         io_binding: bool | None = None,
+        outputs: tuple[str, ...] | None = None,
     ) -> None:
-        super().__init__(component)
+        super().__init__(component, outputs)
         self.onnx_path = Path(onnx_path)
         self.provider = provider
         self.threads = threads
@@ -249,6 +251,7 @@ def ort_backend(
             provider,
             threads,
             io_binding,
+            runtime_outputs(name, [o["name"] for o in known[name].get("outputs", [])]),
         )
         for name in components
     }

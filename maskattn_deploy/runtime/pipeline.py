@@ -193,12 +193,14 @@ class Pipeline:
         """[1, 77, E1+E2] penultimate hidden states of both encoders, [1, P] pooled, the ids."""
         ids_1 = self._tokenize(self.info.tokenizer, text, what, warn)
         ids_2 = self._tokenize(self.info.tokenizer_2, text, what, warn)
+        if self.info.text_states is None:
+            raise UserError("this model has no text encoders to run; export the whole pipeline")
+        state_1, state_2 = self.info.text_states
         out_1 = self.backend.run("text_encoder", {"input_ids": ids_1})
         out_2 = self.backend.run("text_encoder_2", {"input_ids": ids_2})
         device = self.backend.device
         hidden = torch.cat(
-            [out_1["hidden_states"].to(device).float(), out_2["hidden_states"].to(device).float()],
-            dim=-1,
+            [out_1[state_1].to(device).float(), out_2[state_2].to(device).float()], dim=-1
         )
         return hidden, out_2["text_embeds"].to(device).float(), ids_1[0].tolist()
 
@@ -342,10 +344,10 @@ class Pipeline:
         """One guided noise prediction (fp32, on the backend device)."""
         model_in = torch.cat([latents] * 2) if config.do_cfg else latents
         model_in = scheduler.scale_model_input(model_in, t)
-        timestep = t.to(device=latents.device, dtype=torch.float32).reshape(1)
         feed = {
             "sample": model_in,
-            "timestep": timestep.expand(model_in.shape[0]).contiguous(),
+            # One timestep for every row, as diffusers passes it; the graph broadcasts it.
+            "timestep": t.to(device=latents.device, dtype=torch.float32).reshape(1),
             "encoder_hidden_states": cond.embeds,
             "text_embeds": cond.pooled,
             "time_ids": cond.time_ids,

@@ -14,8 +14,18 @@ from typing import Any
 
 import torch
 
+from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.adapters import as_outputs
-from maskattn_deploy.export.component_spec import FLOAT32, INT64, TensorSpec, spec_template
+from maskattn_deploy.export.component_spec import (
+    FLOAT32,
+    INT64,
+    ComponentSpec,
+    ModelDims,
+    TensorSpec,
+    component_spec,
+    runtime_outputs,
+    spec_template,
+)
 from maskattn_deploy.runtime.base import Backend, ComponentRunner, Feed, as_tensor
 
 log = logging.getLogger(__name__)
@@ -30,10 +40,18 @@ class TorchComponentRunner(ComponentRunner):
         module: torch.nn.Module,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        spec: ComponentSpec | None = None,
     ) -> None:
-        super().__init__(component)
+        """``spec``: the component's spec with the model's widths (:func:`component_spec`);
+        needed for the text encoders, whose outputs depend on the model's depth."""
+        self.spec = spec or spec_template(component)
+        if any(t.per_state for t in self.spec.outputs):
+            raise UserError(
+                f"the {component} runner needs spec=component_spec({component!r}, "
+                "ModelDims.from_pipe(pipe)): its outputs depend on the model's depth"
+            )
+        super().__init__(component, runtime_outputs(component, self.spec.output_names))
         self.module = module
-        self.spec = spec_template(component)
         self.adapter = self.spec.adapter(module)  # the module the exporter traces
         self.device = device
         self.dtype = torch.float32 if component.startswith("vae") else dtype
@@ -64,7 +82,8 @@ class TorchComponentRunner(ComponentRunner):
     def _infer(self, feed: Feed) -> dict[str, torch.Tensor]:
         args = [self._cast(feed[t.name], t) for t in self.spec.inputs]
         with torch.inference_mode():
-            return as_outputs(self.spec.output_names, self.adapter(*args))
+            outputs = as_outputs(self.spec.output_names, self.adapter(*args))
+        return {name: outputs[name] for name in self.output_names}
 
 
 class TorchBackend(Backend):
@@ -85,8 +104,9 @@ class TorchBackend(Backend):
             "unet": pipe.unet,
             "vae_decoder": pipe.vae,
         }
+        dims = ModelDims.from_pipe(pipe)
         runners = {
-            name: TorchComponentRunner(name, module, device, dtype)
+            name: TorchComponentRunner(name, module, device, dtype, component_spec(name, dims))
             for name, module in modules.items()
         }
         super().__init__("torch", runners, device)
