@@ -68,6 +68,7 @@ TOKENS, LATENT_CH, IMAGE_CH, CONTEXT, POOLED, TEXT_1, TEXT_2 = "T", "C", "I", "E
 LAYERS_1, LAYERS_2 = "L1", "L2"  # hidden layers of text_encoder / text_encoder_2
 DYNAMIC_SYMBOLS = frozenset({BATCH, LATENT_H, LATENT_W, PIXEL_H, PIXEL_W, STEPS})
 HIDDEN_STATES = "hidden_states"  # outputs hidden_states.0 .. hidden_states.N
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 # --------------------------------------------------------------------------- small records
@@ -547,14 +548,25 @@ def runtime_outputs(component: str, outputs: Iterable[str]) -> tuple[str, ...]:
 
     The text encoders: the penultimate hidden state (and ``text_embeds``), not the other
     states Optimum's layout adds; every other component: its spec's outputs (not ``--per-layer``
-    probabilities). A TensorRT engine keeps just these marked.
+    probabilities).
     """
     outputs = tuple(outputs)
-    if component in ("text_encoder", "text_encoder_2"):
+    if component in TEXT_ENCODERS:
         keep = {penultimate_state(outputs), "text_embeds"}
     else:
         keep = set(spec_template(component).output_names)
     return tuple(n for n in outputs if n in keep)
+
+
+def engine_outputs(component: str, outputs: Iterable[str]) -> tuple[str, ...] | None:
+    """The outputs a TensorRT engine of ``component`` keeps marked unless told otherwise.
+
+    The text encoders keep what the runtime reads (:func:`runtime_outputs`): the other hidden
+    states of Optimum's layout then feed nothing, so TensorRT removes the layers behind them
+    (the first encoder's last layer and final norm). None (all) for the other components,
+    whose extra outputs (``--per-layer`` probabilities) parity reads from the engine.
+    """
+    return runtime_outputs(component, outputs) if component in TEXT_ENCODERS else None
 
 
 def spec_template(name: str) -> ComponentSpec:
