@@ -16,7 +16,7 @@ from maskattn_deploy.train.config import (
     load_train_config,
     valid_keys,
 )
-from maskattn_deploy.train.loop import lr_factor
+from maskattn_deploy.train.optim import lr_factor
 
 RECIPES = ("tiny-synthetic", "sdxl-coco-512", "sdxl-coco-1024")
 

@@ -3,54 +3,42 @@
 One optimizer step::
 
     for each of grad_accum micro-batches:             (this process's share of the data)
-        latents  = (mean + std * eps) * vae_scale      VAE posterior sample        [b, 4, h, w]
-        ctx, pooled = text encoders(caption or "")     SDXL conditioning           [b, 77, E]
-        noise, t ~ N(0, I), U{0..T-1}                  from the run's generator
-        pred = UNet(add_noise(latents, noise, t), t, ctx, pooled, time_ids)   gated attn2
-        loss = mse(pred, noise | velocity)             per the scheduler's prediction type
+        loss = objective.loss(batch)                  train/objective.py: conditioning, noise,
+                                                      gated UNet, target
         backward (only the gates have requires_grad)
     average gate grads across processes, clip, AdamW step, LR schedule step
 
 Everything random comes from one ``torch.Generator`` per process whose state is checkpointed
 together with the data position, so a run stopped at step k and resumed produces the same gate
-weights as an uninterrupted run (bit for bit on the CPU in fp32).
-
-Precision: the frozen UNet and text encoders run in the training dtype (bf16/fp16 on CUDA,
-fp32 on the CPU) without autocast; the VAE stays fp32; the gate heads, the loss and the
-optimizer are fp32; fp16 uses a gradient scaler.
+weights as an uninterrupted run (bit for bit on the CPU in fp32). The run folder is
+train/run_dir.py, the optimizer train/optim.py, metrics and the result train/report.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import gc
-import json
 import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.export.component_spec import spec_template
 from maskattn_deploy.gating.modes import GateMode
 from maskattn_deploy.train.checkpoint import (
-    CHECKPOINTS_DIR,
     STATE_NAME,
     capture_rng_state,
-    latest_checkpoint,
     read_train_state,
     restore_rng_state,
     write_checkpoint,
 )
-from maskattn_deploy.train.config import TrainConfig, config_from_dict, diff_configs
+from maskattn_deploy.train.config import TrainConfig
 from maskattn_deploy.train.data import (
     Batch,
     BatchStream,
@@ -60,116 +48,17 @@ from maskattn_deploy.train.data import (
     SkipReport,
     SkipSample,
     Source,
-    collate,
     open_source,
 )
 from maskattn_deploy.train.dist import Runtime, make_runtime, resolve_precision
-from maskattn_deploy.train.encode import TextEncoders, encode_pixels, scale_latents
+from maskattn_deploy.train.encode import TextEncoders, encode_pixels
+from maskattn_deploy.train.objective import DenoisingObjective, EvalBatch
+from maskattn_deploy.train.optim import build_optimization
+from maskattn_deploy.train.report import SUMMARY_NAME, MetricsWriter, TrainResult
+from maskattn_deploy.train.run_dir import GATES_DIR, check_run_dir, claim_run_dir
 from maskattn_deploy.utils import write_json_atomic
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
-SUMMARY_NAME = "summary.json"
-GATES_DIR = "gates"
-# Settings that may change when a run is resumed (they do not affect the numbers).
-RESUME_MUTABLE = ("log", "data.num_workers", "description")
-
-
-def lr_factor(
-    step: int, warmup: int, total: int, schedule: str = "cosine", min_ratio: float = 0.0
-) -> float:
-    """Learning-rate multiplier for optimizer step ``step`` (0-based).
-
-    Linear warm-up ``(step + 1) / warmup`` (so the first step already learns), then cosine or
-    linear decay from 1 to ``min_ratio`` at ``total``, or constant.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
-    return min_ratio + (1.0 - min_ratio) * decay
-
-
-@dataclass
-class TrainResult:
-    """What a finished (or stopped) run reports."""
-
-    out_dir: str
-    gates_dir: str
-    step: int
-    total_steps: int
-    complete: bool
-    steps_this_run: int
-    wall_s: float
-    train_s: float
-    steps_per_s: float
-    images_per_s: float
-    loss_first: float | None
-    loss_last: float | None
-    eval_loss_start: float | None
-    eval_loss_end: float | None
-    open_start: dict[str, float] = field(default_factory=dict)
-    open_end: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    checkpoint: str | None = None
-    device: str = "cpu"
-    world: int = 1
-    precision: str = "no"
-
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
-
-@dataclass
-class _EvalBatch:
-    """A fixed batch (fixed latents, noise and timesteps) for comparable losses over a run."""
-
-    noisy: torch.Tensor
-    timesteps: torch.Tensor
-    embeds: torch.Tensor
-    pooled: torch.Tensor
-    time_ids: torch.Tensor
-    target: torch.Tensor
-    heldout: bool
-
-
-class MetricsWriter:
-    """JSONL metrics in the run folder (appended; flushed per line), TensorBoard if installed."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = run_dir / METRICS_NAME
-        self.tb = None
-        if enabled and tensorboard:
-            from maskattn_deploy._lazy import available
-
-            if available("tensorboard"):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            else:
-                logger.info("tensorboard not installed: metrics go to %s only", self.path)
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.tb is not None and "step" in record:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
-            for stage, value in record.get("open", {}).items():
-                self.tb.add_scalar(f"open/{stage}", value, record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
 
 
 class Trainer:
@@ -199,16 +88,21 @@ class Trainer:
         self.images_seen = 0
         self._claim = contextlib.ExitStack()
         # Everything that can be refused is checked before the run folder is written.
-        resume_from = self._check_run_dir(resume)
+        resume_from = check_run_dir(self.out_dir, self.config, resume)
         init = self._read_init_gates(resume_from)
-        self._load_model()
+        self.objective = DenoisingObjective.load(
+            config.model,
+            self.runtime.device,
+            self.weight_dtype,
+            config.train.gradient_checkpointing,
+        )
         # After loading: building a built-in model on first use draws from the global RNG, so
         # seeding first made a run's gates depend on whether the model cache existed.
         self._seed_everything()
         self._install_gates(init, resume_from is not None)
         self._open_data()
         try:
-            self._claim_run_dir(resume_from)
+            claim_run_dir(self.out_dir, self.config, self.runtime, resume_from, self._claim)
             self._build_data()
             self._build_eval_batch()
             self._release_cached_encoders()
@@ -226,57 +120,6 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- setup
 
-    def _check_run_dir(self, resume: bool) -> Path | None:
-        """Check the run folder (nothing is written); returns the checkpoint to resume from."""
-        config_path = self.out_dir / CONFIG_NAME
-        if self.out_dir.exists() and not self.out_dir.is_dir():
-            raise UserError(f"--out {self.out_dir} is a file; choose a folder for the run")
-        latest = latest_checkpoint(self.out_dir)
-        if resume and latest is not None:
-            try:
-                saved = config_from_dict(json.loads(config_path.read_text())["config"])
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UserError(
-                    f"cannot resume: {config_path} is missing or unreadable ({exc}); it records "
-                    "the run's settings"
-                ) from exc
-            changes = diff_configs(saved, self.config, ignore=RESUME_MUTABLE)
-            if changes:
-                raise UserError(
-                    f"--resume needs the settings of the run in {self.out_dir}; changed: "
-                    f"{'; '.join(changes)}. Start a new run with gates.init={self.out_dir / GATES_DIR} "
-                    "to continue these gates under new settings"
-                )
-            logger.info("resuming from %s", latest)
-            return latest
-        if resume:
-            logger.warning("no checkpoint in %s: starting a new run", self.out_dir)
-        elif config_path.exists() or latest is not None:
-            raise UserError(
-                f"{self.out_dir} already holds a training run: pass --resume to continue it, "
-                "or choose another --out"
-            )
-        return None
-
-    def _claim_run_dir(self, resume_from: Path | None) -> None:
-        """Lock the run folder, remove temp files of killed runs, record the settings."""
-        from maskattn_deploy.locks import output_lock, remove_stale_temps
-
-        self.runtime.barrier()  # every process has checked before the main one writes
-        if self.runtime.is_main:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise UserError(f"cannot create {self.out_dir}: {exc.strerror}") from exc
-            self._claim.enter_context(output_lock(self.out_dir))
-            for folder in (self.out_dir, self.out_dir / CHECKPOINTS_DIR, self.out_dir / GATES_DIR):
-                remove_stale_temps(folder)
-            if resume_from is None:
-                write_json_atomic(
-                    self.out_dir / CONFIG_NAME, {"config": self.config.to_dict(), **_versions()}
-                )
-        self.runtime.barrier()
-
     def _seed_everything(self) -> None:
         seed = self.config.train.seed
         random.seed(seed)
@@ -288,32 +131,22 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-    def _load_model(self) -> None:
-        from diffusers import DDPMScheduler
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.objective.unet
 
-        from maskattn_deploy.models import load_pipeline
+    @property
+    def vae(self) -> torch.nn.Module | None:
+        return self.objective.vae
 
-        device = self.runtime.device
-        pipe = load_pipeline(self.config.model, torch_dtype=torch.float32, device="cpu")
-        self.unet = _to(pipe.unet, device, self.weight_dtype)
-        # The UNet's spec adapter: the very module the exporter traces.
-        self.unet_step = spec_template("unet").adapter(self.unet)
-        # The VAE stays fp32 always (docs/design.md section 6.4).
-        self.vae: torch.nn.Module | None = pipe.vae.to(device)
-        self.vae_config = pipe.vae.config
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2):
-            _to(encoder, device, self.weight_dtype)
-        self.text: TextEncoders | None = TextEncoders.from_pipeline(pipe)
-        for module in (self.unet, self.vae, *self.text.encoders):
-            module.requires_grad_(False)
-            module.eval()
-        if self.config.train.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise UserError(f"unsupported scheduler prediction type {self.prediction_type!r}")
-        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+    @property
+    def text(self) -> TextEncoders | None:
+        return self.objective.text
+
+    @property
+    def gate_mode(self) -> GateMode:
+        """The gate mode of every UNet call of the run (training and evaluation)."""
+        return self.objective.gate_mode
 
     def _read_init_gates(self, resume_from: Path | None) -> Any:
         """The gate checkpoint to start from (resume, or ``gates.init``), read and checked."""
@@ -339,8 +172,8 @@ class Trainer:
             self.gates = load_gates(init, self.unet)
         else:
             self.gates = install_gates(self.unet, self.config.gate_config())
-        # Every UNet call of the run (training and evaluation) is in this mode: see _unet.
-        self.gate_mode = GateMode.for_training(self.config.train.gate_estimator)
+        self.objective.gates = self.gates
+        self.objective.gate_mode = GateMode.for_training(self.config.train.gate_estimator)
         self.gates.train()
         self.params = list(self.gates.parameters())
         for param in self.params:
@@ -392,10 +225,11 @@ class Trainer:
             text=cfg.cache in ("text", "all"),
             key=cache_key(self.config.model, cfg.resolution, self.source, extra),
         )
-        assert self.vae is not None and self.text is not None
+        vae, text = self.objective.vae, self.objective.text
+        assert vae is not None and text is not None
         build_cache(
             plan, self.source, cfg.resolution, self.runtime,
-            functools.partial(encode_pixels, self.vae), self.text.encode,
+            functools.partial(encode_pixels, vae), text.encode,
             batch=max(1, self.config.train.batch_size), progress=self.config.log.progress,
         )  # fmt: skip
         self._cache_plan = plan
@@ -404,107 +238,31 @@ class Trainer:
     def _release_cached_encoders(self) -> None:
         """Free the VAE / text encoders when the cache makes them unnecessary."""
         plan = getattr(self, "_cache_plan", None)
-        if plan is None:
-            return
-        assert self.text is not None
-        self.empty_embeds = tuple(t[0] for t in self.text.encode([""]))
-        if plan.latents:
-            self.vae = None
-        if plan.text:
-            self.text = None
-        gc.collect()
-        if self.runtime.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if plan is not None:
+            self.objective.release_encoders(plan.latents, plan.text)
 
     def _build_optimizer(self) -> None:
-        o = self.config.optim
-        self.optimizer = torch.optim.AdamW(
+        optim = build_optimization(
             self.params,
-            lr=o.lr,
-            betas=(o.betas[0], o.betas[1]),
-            eps=o.eps,
-            weight_decay=o.weight_decay,
+            self.config.optim,
+            self.config.train.steps,
+            self.runtime.device.type,
+            fp16=self.precision == "fp16",
         )
-        factor = functools.partial(
-            lr_factor,
-            warmup=o.warmup_steps,
-            total=self.config.train.steps,
-            schedule=o.schedule,
-            min_ratio=o.min_lr_ratio,
-        )
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
-        self.scaler = torch.amp.GradScaler(
-            self.runtime.device.type, enabled=self.precision == "fp16"
-        )
-
-    # ---------------------------------------------------------------------- conditioning
-
-    def _condition(
-        self, batch: Batch, generator: torch.Generator, dropout: float
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(latents fp32, prompt embeds, pooled, time_ids) for a batch; draws from ``generator``."""
-        device, b = self.runtime.device, len(batch)
-        drop = torch.rand(b, generator=generator) < dropout  # drawn even when dropout == 0
-        cached = batch.cached or {}
-        if "prompt_embeds" in cached:
-            embeds, pooled = cached["prompt_embeds"].to(device), cached["pooled"].to(device)
-            if drop.any():
-                empty_e, empty_p = (t.to(device, embeds.dtype) for t in self.empty_embeds)
-                embeds[drop.to(device)] = empty_e
-                pooled[drop.to(device)] = empty_p
-        else:
-            assert self.text is not None
-            captions = ["" if d else c for d, c in zip(drop.tolist(), batch.captions, strict=True)]
-            embeds, pooled = self.text.encode(captions)
-        if "mean" in cached:
-            mean, std = cached["mean"].to(device), cached["std"].to(device)
-        else:
-            assert self.vae is not None and batch.pixels is not None
-            mean, std = encode_pixels(self.vae, batch.pixels)
-        eps = torch.randn(mean.shape, generator=generator).to(device)
-        latents = scale_latents(self.vae_config, mean + std * eps)
-        return latents, embeds, pooled, batch.time_ids.to(device)
-
-    def _target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.noise_scheduler.get_velocity(latents, noise, t)
-        return latents
-
-    def _unet(
-        self,
-        noisy: torch.Tensor,
-        t: torch.Tensor,
-        embeds: torch.Tensor,
-        pooled: torch.Tensor,
-        time_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        dtype = self.weight_dtype
-        with self.gates.mode(self.gate_mode):
-            return self.unet_step(
-                noisy.to(dtype), t, embeds.to(dtype), pooled.to(dtype), time_ids.to(dtype)
-            )
+        self.optimizer = optim.optimizer
+        self.lr_scheduler = optim.lr_scheduler
+        self.scaler = optim.scaler
 
     def micro_loss(self, batch: Batch) -> torch.Tensor:
         """Noise-prediction loss of one micro-batch (fp32 scalar with grad to the gates)."""
-        device = self.runtime.device
-        latents, embeds, pooled, time_ids = self._condition(
-            batch, self.generator, self.config.data.caption_dropout
-        )
-        noise = torch.randn(latents.shape, generator=self.generator).to(device)
-        t = torch.randint(0, self.num_train_timesteps, (len(batch),), generator=self.generator)
-        t = t.to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = self._unet(noisy, t, embeds, pooled, time_ids)
-        return F.mse_loss(pred.float(), self._target(latents, noise, t).float())
+        return self.objective.loss(batch, self.generator, self.config.data.caption_dropout)
 
     # -------------------------------------------------------------------------- evaluate
 
     def _build_eval_batch(self) -> None:
         """Fixed latents/noise/timesteps: held-out synthetic items, else the first records."""
         n = self.config.log.eval_batch
-        self.eval_batch: _EvalBatch | None = None
+        self.eval_batch: EvalBatch | None = None
         if n <= 0:
             return
         heldout = getattr(self.source, "heldout", None)
@@ -522,33 +280,13 @@ class Trainer:
                 items.append(items_loader.load(index))
             except SkipSample as exc:
                 self.skips.add(exc.reason, items_loader.key(index), exc.detail)
-        if not items:
-            return
-        gen = torch.Generator().manual_seed(self.config.train.seed + 12345)
-        batch = collate(items)
-        latents, embeds, pooled, time_ids = self._condition(batch, gen, 0.0)
-        noise = torch.randn(latents.shape, generator=gen).to(self.runtime.device)
-        # Timesteps spread evenly over the schedule so the loss covers all noise levels.
-        spread = [int((i + 0.5) * self.num_train_timesteps / len(items)) for i in range(len(items))]
-        t = torch.tensor(spread, dtype=torch.int64, device=self.runtime.device)
-        self.eval_batch = _EvalBatch(
-            noisy=self.noise_scheduler.add_noise(latents, noise, t),
-            timesteps=t,
-            embeds=embeds,
-            pooled=pooled,
-            time_ids=time_ids,
-            target=self._target(latents, noise, t).float(),
-            heldout=is_heldout,
-        )
+        if items:
+            seed = self.config.train.seed + 12345
+            self.eval_batch = self.objective.eval_batch(items, seed, is_heldout)
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
         """Loss on the fixed evaluation batch (no randomness consumed)."""
-        e = self.eval_batch
-        if e is None:
-            return None
-        pred = self._unet(e.noisy, e.timesteps, e.embeds, e.pooled, e.time_ids)
-        return float(F.mse_loss(pred.float(), e.target))
+        return None if self.eval_batch is None else self.objective.eval_loss(self.eval_batch)
 
     # ------------------------------------------------------------------------------ step
 
@@ -596,11 +334,7 @@ class Trainer:
         if not self.runtime.is_main:
             self.runtime.barrier()
             return None
-        merged = SkipReport()
-        for part in skips:
-            other = SkipReport()
-            other.load_state_dict(part)
-            merged.merge(other)
+        merged = _merge_skips(skips)
         state = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -673,7 +407,7 @@ class Trainer:
             "effective_batch": cfg.train.batch_size * self.grad_accum * self.runtime.world,
             "lr": cfg.optim.lr,
             "precision": self.precision,
-            "prediction_type": self.prediction_type,
+            "prediction_type": self.objective.prediction_type,
             "config": cfg.to_dict(),
             **extra,
         }
@@ -772,11 +506,7 @@ class Trainer:
         rt = self.runtime
         eval_end = self.evaluate() if rt.is_main else None
         open_end = self.gates.open_fractions()
-        merged = SkipReport()
-        for part in rt.gather_object(self.skips.state_dict()):
-            other = SkipReport()
-            other.load_state_dict(part)
-            merged.merge(other)
+        merged = _merge_skips(rt.gather_object(self.skips.state_dict()))
         complete = self.step >= self.config.train.steps
         gates_dir = self.out_dir / GATES_DIR
         steps = self.step - start_step
@@ -821,27 +551,14 @@ class Trainer:
         return result
 
 
-def _to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """Move a fp32-loaded module; cast only when the training dtype differs."""
-    module.to(device)
-    return module.to(dtype) if dtype != torch.float32 else module
-
-
-def _versions() -> dict[str, Any]:
-    import platform
-
-    import diffusers
-
-    import maskattn_deploy
-
-    return {
-        "versions": {
-            "maskattn_deploy": getattr(maskattn_deploy, "__version__", "unknown"),
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "python": platform.python_version(),
-        }
-    }
+def _merge_skips(parts: list[dict[str, list[str]]]) -> SkipReport:
+    """One report from every process's skipped-record state."""
+    merged = SkipReport()
+    for part in parts:
+        other = SkipReport()
+        other.load_state_dict(part)
+        merged.merge(other)
+    return merged
 
 
 def run_training(
