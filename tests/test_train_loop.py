@@ -199,3 +199,21 @@ def test_initial_gates_do_not_depend_on_the_model_cache(tmp_path, monkeypatch):
     warm = Trainer(fast_config(), tmp_path / "warm").gates.state_dict()  # loads the cache
     assert cold.keys() == warm.keys()
     assert all(torch.equal(cold[k], warm[k]) for k in cold)
+
+
+def test_gradient_checkpointing_gives_the_same_gate_gradients(tmp_path):
+    """With gradient checkpointing the UNet recomputes blocks during backward; they must take
+    the training path again (backward runs inside the run's gate mode), so the gates get the
+    gradients of the plain run: equal up to fp32 summation order (without checkpointing each
+    shared head's text features are computed once per forward, with it once per layer)."""
+    plain = Trainer(fast_config("train.grad_accum=1"), tmp_path / "plain")
+    checkpointed = Trainer(
+        fast_config("train.grad_accum=1", "train.gradient_checkpointing=true"), tmp_path / "ckpt"
+    )
+    assert checkpointed.unet.is_gradient_checkpointing
+    stats = [plain.train_step(), checkpointed.train_step()]  # the same batch and draws
+    assert stats[0]["loss"] == stats[1]["loss"]  # the forward is bit-identical
+    ours = dict(checkpointed.gates.named_parameters())
+    for name, param in plain.gates.named_parameters():
+        assert param.grad is not None and ours[name].grad is not None, name
+        torch.testing.assert_close(ours[name].grad, param.grad, rtol=1e-4, atol=1e-7)  # fp32

@@ -295,11 +295,13 @@ class Trainer:
         accum = self.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(accum):
-            batch = self.stream.next_batch(self.config.train.batch_size)
-            loss = self.micro_loss(batch)
-            self.scaler.scale(loss / accum).backward()
-            total += float(loss.detach())
+        # Backward in the mode too: with gradient checkpointing the UNet recomputes blocks there.
+        with self.gates.mode(self.gate_mode):
+            for _ in range(accum):
+                batch = self.stream.next_batch(self.config.train.batch_size)
+                loss = self.micro_loss(batch)
+                self.scaler.scale(loss / accum).backward()
+                total += float(loss.detach())
         for param in self.params:
             if param.grad is None:  # a head unused this step: keep the all-reduce aligned
                 param.grad = torch.zeros_like(param)
