@@ -138,12 +138,30 @@ def test_only_gates_get_gradients_and_backbone_is_unchanged() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_remove_restores_stock_processors() -> None:
+def test_remove_restores_exactly_what_install_changed() -> None:
+    """After install + remove the UNet is the user's module again: the same processor objects,
+    every parameter's requires_grad flag (a mix here, as a user fine-tuning part of it would
+    have), no hooks and no attributes left behind."""
     unet = build_tiny_unet()
-    original = {k: type(v) for k, v in unet.attn_processors.items()}
-    install_gates(unet, GateConfig())
-    remove_gates(unet)
-    assert {k: type(v) for k, v in unet.attn_processors.items()} == original
+    unet.requires_grad_(True)
+    unet.conv_in.requires_grad_(False)
+    processors = dict(unet.attn_processors)
+    flags = {name: p.requires_grad for name, p in unet.named_parameters()}
+    attributes = set(unet.__dict__)
+    hooks = (dict(unet._forward_pre_hooks), dict(unet._forward_hooks))
+    assert True in flags.values() and False in flags.values()
+
+    gates = install_gates(unet, GateConfig(stage="all"))
+    assert not any(p.requires_grad for p in unet.parameters())  # install freezes the backbone
+    assert remove_gates(unet) is gates
+    assert {name: p.requires_grad for name, p in unet.named_parameters()} == flags
+    restored = unet.attn_processors
+    assert restored.keys() == processors.keys()
+    assert all(restored[k] is processors[k] for k in processors)
+    assert (dict(unet._forward_pre_hooks), dict(unet._forward_hooks)) == hooks
+    assert set(unet.__dict__) == attributes
+    assert remove_gates(unet) is None  # nothing installed any more
+    install_gates(unet, GateConfig())  # and it can be gated again
 
 
 def test_ste_forward_is_hard_mask_and_backward_is_sigmoid() -> None:
@@ -342,6 +360,9 @@ def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
         with torch.no_grad(), gates.mode(attention=impl):
             return unet(**kw, return_dict=False)[0]
 
+    text_mlp_runs: list[str] = []  # traced with the graph: appended each time the graph runs
+    for key, head in gates.heads.items():
+        head.text_mlp.register_forward_hook(lambda *_, _key=key: text_mlp_runs.append(_key))
     dynamo.reset()
     try:
         explained = dynamo.explain(step)(**feed)
@@ -350,3 +371,5 @@ def test_gated_unet_compiles_to_one_graph(monkeypatch, impl: str) -> None:
         processor._register_cuda_kernel.cache_clear()  # later installs register for real
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
     assert explained.graph_count == 1
+    # The shared head's text MLP is in the graph once, not once per gated layer.
+    assert text_mlp_runs == list(gates.heads) and len(gates.layers) > 1

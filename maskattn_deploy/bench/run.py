@@ -342,6 +342,7 @@ def _bench_torch(
 
     def unmasked() -> None:
         remove_gates(pipe.unet)
+        pipe.unet.requires_grad_(False)  # frozen like the gated UNet: the same CPU kernels
 
     try:
         _unet_cases("torch", backend, backend, config, setup, result, say, (masked, unmasked))
@@ -387,6 +388,7 @@ def _bench_sdxl_random(
 
     def unmasked() -> None:
         remove_gates(unet)
+        unet.requires_grad_(False)  # frozen like the gated UNet
 
     dims = ModelDims.from_unet_config(unet.config)
     try:

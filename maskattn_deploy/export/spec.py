@@ -21,9 +21,10 @@ from __future__ import annotations
 
 EXPORT_FORMAT = "maskattn-deploy-export/1"
 # Bumped whenever the exported graphs change for the same model and gates (for example the
-# masked-softmax decomposition, or the Optimum-compatible encoder outputs and timestep axis of
-# revision 3), so cached exports made by an older version are not reused.
-GRAPH_REVISION = 3
+# masked-softmax decomposition, the Optimum-compatible encoder outputs and timestep axis of
+# revision 3, or the text MLP computed once per shared gate head in revision 4), so cached
+# exports made by an older version are not reused.
+GRAPH_REVISION = 4
 MANIFEST_NAME = "manifest.json"
 MODEL_FILE = "model.onnx"
 ENGINES_DIR = "engines"

@@ -3,7 +3,7 @@
 from maskattn_deploy.gating.config import GateConfig
 from maskattn_deploy.gating.gateset import GateSet, install_gates, installed_gates, remove_gates
 from maskattn_deploy.gating.head import GateHead
-from maskattn_deploy.gating.modes import AttentionImpl, Estimator, GateMode
+from maskattn_deploy.gating.modes import AttentionImpl, Estimator, GateMode, HeadPrecision
 from maskattn_deploy.gating.placement import GatedLayer, cross_attention_layers, select_layers
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "GateMode",
     "GateSet",
     "GatedLayer",
+    "HeadPrecision",
     "cross_attention_layers",
     "install_gates",
     "installed_gates",

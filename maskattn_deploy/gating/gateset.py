@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from maskattn_deploy.gating.config import GateConfig
 from maskattn_deploy.gating.head import GateHead
 from maskattn_deploy.gating.modes import GateMode
 from maskattn_deploy.gating.placement import GatedLayer, head_id, select_layers
+from maskattn_deploy.gating.text_cache import TextFeatureCache
 
-_ATTR = "_maskattn_gates"
-_ORIGINAL = "_maskattn_original_processors"
+_INSTALLED = "_maskattn_installation"
 
 
 class GateSet(nn.Module):
@@ -38,6 +40,7 @@ class GateSet(nn.Module):
                 self.heads[key] = GateHead(layer.latent_dim, layer.text_dim, config.hidden_dim)
         self.threshold = float(config.threshold)
         self._mode = GateMode()
+        self.text_cache = TextFeatureCache()
         self._last_open: dict[str, torch.Tensor] = {}
         self._records: dict[str, list[torch.Tensor]] | None = None
 
@@ -58,7 +61,9 @@ class GateSet(nn.Module):
         """Run the block in ``mode`` (default: the current one) with ``changes`` applied.
 
         ``gates.mode(attention="op")``, ``gates.mode(GateMode.for_training("relaxed"))``; the
-        previous mode comes back on exit, exceptions included. Yields the mode in force.
+        previous mode comes back on exit, exceptions included. Yields the mode in force. With
+        gradient checkpointing, call ``backward()`` inside the block too: checkpointed blocks
+        recompute their forward during backward and read the mode again.
         """
         new = (mode or self._mode).replace(**changes)
         previous, self._mode = self._mode, new
@@ -68,11 +73,24 @@ class GateSet(nn.Module):
             self._mode = previous
 
     def gate_logits(self, layer: str, latents: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """fp32 gate logits ``[b, n, t]`` of ``layer``; moves the heads to the input's device."""
-        head = self.heads[self.layer_to_head[layer]]
+        """fp32 gate logits ``[b, n, t]`` of ``layer``; moves the heads to the input's device.
+
+        A shared head's text features come from :attr:`text_cache` after the first layer of a
+        UNet forward (``GateMode.text_cache``); the latent MLP runs at the mode's precision.
+        """
+        key = self.layer_to_head[layer]
+        head = self.heads[key]
         if head.bias.device != latents.device:
             self.to(latents.device)
-        return head(latents, context)
+        mode = self._mode
+        if mode.text_cache:
+            features = self.text_cache.get(key, context)
+            if features is None:
+                features = head.text_features(context)
+                self.text_cache.put(key, context, features)
+        else:
+            features = head.text_features(context)
+        return head(latents, features, mode.latent_precision)
 
     def observe(self, layer: str, is_open: torch.Tensor) -> None:
         self._last_open[layer] = is_open
@@ -110,15 +128,28 @@ class GateSet(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+@dataclass
+class _Installation:
+    """What :func:`install_gates` changed on a UNet, so :func:`remove_gates` restores it."""
+
+    gates: GateSet
+    processors: dict[str, Any]  # attn processor name -> the processor before install
+    requires_grad: dict[str, bool]  # parameter name -> its flag before install
+    hooks: tuple[RemovableHandle, ...]  # the text cache's forward pre-hook and forward hook
+
+
 def install_gates(unet: nn.Module, config: GateConfig, gates: GateSet | None = None) -> GateSet:
     """Install gate processors on the selected attn2 layers of ``unet`` and freeze the backbone.
 
-    Backbone weights are never modified; only ``requires_grad`` flags are cleared. Returns the
-    :class:`GateSet` (new, fp32, on the UNet's device) unless ``gates`` is given.
+    Backbone weights are never modified; ``requires_grad`` flags are cleared, two forward
+    hooks scope the shared text features to one forward (:mod:`.text_cache`), and the gated
+    layers get :class:`~maskattn_deploy.gating.processor.MaskAttnProcessor`s.
+    :func:`remove_gates` undoes all three. Returns the :class:`GateSet` (new, fp32, on the
+    UNet's device) unless ``gates`` is given.
     """
     from maskattn_deploy.gating.processor import MaskAttnProcessor
 
-    if getattr(unet, _ATTR, None) is not None:
+    if installed_gates(unet) is not None:
         raise ValueError("gates are already installed on this UNet; call remove_gates first")
     layers = select_layers(unet, config)
     if gates is None:
@@ -126,6 +157,7 @@ def install_gates(unet: nn.Module, config: GateConfig, gates: GateSet | None = N
         gates = GateSet(config, layers).to(device=device, dtype=torch.float32)
     elif set(gates.layers) != {layer.name for layer in layers}:
         raise ValueError("the GateSet was built for other layers than this UNet/config selects")
+    requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
     for param in unet.parameters():
         param.requires_grad_(False)
     original = dict(unet.attn_processors)
@@ -133,22 +165,29 @@ def install_gates(unet: nn.Module, config: GateConfig, gates: GateSet | None = N
     for layer in layers:
         processors[f"{layer.name}.processor"] = MaskAttnProcessor(gates, layer.name)
     unet.set_attn_processor(processors)
-    object.__setattr__(unet, _ATTR, gates)
-    object.__setattr__(unet, _ORIGINAL, original)
+    hooks = (
+        unet.register_forward_pre_hook(gates.text_cache.open),
+        unet.register_forward_hook(gates.text_cache.close, always_call=True),
+    )
+    object.__setattr__(unet, _INSTALLED, _Installation(gates, original, requires_grad, hooks))
     return gates
 
 
 def remove_gates(unet: nn.Module) -> GateSet | None:
-    """Restore the processors that were there before :func:`install_gates`."""
-    gates = getattr(unet, _ATTR, None)
-    if gates is None:
+    """Undo :func:`install_gates`: the processors, ``requires_grad`` flags and hooks before it."""
+    installation: _Installation | None = unet.__dict__.get(_INSTALLED)
+    if installation is None:
         return None
-    unet.set_attn_processor(getattr(unet, _ORIGINAL))
-    object.__setattr__(unet, _ATTR, None)
-    object.__setattr__(unet, _ORIGINAL, None)
-    return gates
+    unet.set_attn_processor(installation.processors)
+    for handle in installation.hooks:
+        handle.remove()
+    for name, param in unet.named_parameters():
+        param.requires_grad_(installation.requires_grad.get(name, param.requires_grad))
+    object.__delattr__(unet, _INSTALLED)
+    return installation.gates
 
 
 def installed_gates(unet: nn.Module) -> GateSet | None:
     """The GateSet installed on ``unet``, if any."""
-    return getattr(unet, _ATTR, None)
+    installation: _Installation | None = unet.__dict__.get(_INSTALLED)
+    return None if installation is None else installation.gates

@@ -58,6 +58,21 @@ class Estimator(str, Enum):
     RELAXED = "relaxed"
 
 
+class HeadPrecision(str, Enum):
+    """Precision of the gate head's latent MLP (the text MLP and the logits are always fp32).
+
+    ``FP32``: the latent tokens are copied to fp32 first (the default). ``ACTIVATION``: the MLP
+    runs in the activation dtype (fp16/bf16 UNets), which saves the fp32 copy of the whole
+    activation; LayerNorm keeps its statistics in fp32 inside PyTorch's kernel, and the MLP's
+    output is cast to fp32 before the logits. It can flip gates whose logit sits near the
+    threshold: measure with ``maskattn-deploy bench --gate-head`` before using it. Identical to
+    ``FP32`` on fp32 activations.
+    """
+
+    FP32 = "fp32"
+    ACTIVATION = "activation"
+
+
 def _coerce(enum: type[_E], value: object, what: str) -> _E:
     try:
         return enum(value)
@@ -75,19 +90,29 @@ class GateMode:
         gates) instead of the exact inference path.
     estimator: the training gradient (:class:`Estimator`).
     observing: keep each layer's open mask of the last forward (``GateSet.open_fractions``).
+    latent_precision: the latent MLP's precision (:class:`HeadPrecision`).
+    text_cache: compute each shared head's text MLP once per UNet forward instead of once per
+        layer (same numbers bit for bit; off only to measure what it saves).
     """
 
     attention: AttentionImpl = AttentionImpl.AUTO
     training: bool = False
     estimator: Estimator = Estimator.BIAS
     observing: bool = False
+    latent_precision: HeadPrecision = HeadPrecision.FP32
+    text_cache: bool = True
 
     def __post_init__(self) -> None:
         # Strings are accepted where enums are expected (recipes and flags hold strings).
         set_ = object.__setattr__
         set_(self, "attention", _coerce(AttentionImpl, self.attention, "attention implementation"))
         set_(self, "estimator", _coerce(Estimator, self.estimator, "gate estimator"))
-        for name in ("training", "observing"):
+        set_(
+            self,
+            "latent_precision",
+            _coerce(HeadPrecision, self.latent_precision, "latent head precision"),
+        )
+        for name in ("training", "observing", "text_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GateMode.{name} must be a bool, got {getattr(self, name)!r}")
 

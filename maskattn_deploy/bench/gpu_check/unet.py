@@ -145,6 +145,7 @@ class Bench:
         from maskattn_deploy.gating import GateConfig, install_gates, remove_gates
 
         remove_gates(self.unet)
+        self.unet.requires_grad_(False)  # frozen in every variant, as installing gates leaves it
         if variant.masked:
             install_gates(self.unet, GateConfig(stage="mid"), gates=self.gates)
 
