@@ -50,6 +50,13 @@ from maskattn_deploy.cli.options import json_option, ort_provider_option, report
 @click.option("--precision", type=click.Choice(("fp32", "fp16")), default=None)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime.")
 @click.option("--device", default=None, help="torch device (default: cuda when available).")
+@click.option(
+    "--gate-head",
+    is_flag=True,
+    help="Only the gate heads on the torch UNet: their cost per forward and per UNet step "
+    "before/after the per-forward text cache and with the latent MLP in the activation dtype "
+    "(interleaved pairs), and the gate flips that dtype causes vs the fp32 head.",
+)
 @ort_provider_option
 @json_option
 @report_option
@@ -69,6 +76,7 @@ def command(
     precision: str | None,
     threads: int | None,
     device: str | None,
+    gate_head: bool,
     ort_provider: str,
     json_path: Path | None,
     report_path: Path | None,
@@ -83,6 +91,9 @@ def command(
     from maskattn_deploy.parity.inputs import parse_shapes
     from maskattn_deploy.utils import atomic_path, write_json_atomic
 
+    if gate_head:
+        _gate_head(model, gates, shapes, precision, repeats, warmup, device, json_path)
+        return
     config = BenchConfig(
         export_dir=export_dir,
         unmasked_export_dir=unmasked_export,
@@ -113,3 +124,31 @@ def command(
     if not result.unet:
         click.echo("nothing was measured: every backend was skipped (reasons above)", err=True)
         raise SystemExit(1)
+
+
+def _gate_head(
+    model: str | None,
+    gates: Path | None,
+    shapes: str | None,
+    precision: str | None,
+    repeats: int,
+    warmup: int,
+    device: str | None,
+    json_path: Path | None,
+) -> None:
+    """``bench --gate-head``: the gate heads' cost before/after and their gate flips."""
+    from maskattn_deploy.bench.gate_head import GateHeadConfig, run_gate_head_bench
+    from maskattn_deploy.parity.inputs import parse_shapes
+    from maskattn_deploy.utils import write_json_atomic
+
+    config = GateHeadConfig(
+        model=model or "tiny", gates=gates, precision=precision, repeats=repeats,
+        warmup=warmup, device=device,
+    )  # fmt: skip
+    if shapes:
+        config.case = parse_shapes(shapes)[0]
+    result = run_gate_head_bench(config, say=lambda line: click.echo(line, err=True))
+    click.echo(result.text())
+    if json_path is not None:
+        write_json_atomic(json_path, result.as_dict())
+        click.echo(f"wrote {json_path}")
