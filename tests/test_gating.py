@@ -13,6 +13,7 @@ from maskattn_deploy.gating import (
     GateConfig,
     GateMode,
     install_gates,
+    installed_gates,
     remove_gates,
     select_layers,
 )
@@ -162,6 +163,15 @@ def test_remove_restores_exactly_what_install_changed() -> None:
     assert set(unet.__dict__) == attributes
     assert remove_gates(unet) is None  # nothing installed any more
     install_gates(unet, GateConfig())  # and it can be gated again
+
+
+def test_install_and_remove_through_a_compiled_wrapper() -> None:
+    unet = build_tiny_unet()
+    compiled = torch.compile(unet, backend="eager")  # wraps; compiles on the first call only
+    gates = install_gates(compiled, GateConfig())
+    assert installed_gates(unet) is gates and installed_gates(compiled) is gates
+    assert remove_gates(compiled) is gates
+    assert installed_gates(unet) is None and installed_gates(compiled) is None
 
 
 def test_ste_forward_is_hard_mask_and_backward_is_sigmoid() -> None:

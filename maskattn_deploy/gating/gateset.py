@@ -149,6 +149,7 @@ def install_gates(unet: nn.Module, config: GateConfig, gates: GateSet | None = N
     """
     from maskattn_deploy.gating.processor import MaskAttnProcessor
 
+    unet = _module(unet)
     if installed_gates(unet) is not None:
         raise ValueError("gates are already installed on this UNet; call remove_gates first")
     layers = select_layers(unet, config)
@@ -175,6 +176,7 @@ def install_gates(unet: nn.Module, config: GateConfig, gates: GateSet | None = N
 
 def remove_gates(unet: nn.Module) -> GateSet | None:
     """Undo :func:`install_gates`: the processors, ``requires_grad`` flags and hooks before it."""
+    unet = _module(unet)
     installation: _Installation | None = unet.__dict__.get(_INSTALLED)
     if installation is None:
         return None
@@ -189,5 +191,10 @@ def remove_gates(unet: nn.Module) -> GateSet | None:
 
 def installed_gates(unet: nn.Module) -> GateSet | None:
     """The GateSet installed on ``unet``, if any."""
-    installation: _Installation | None = unet.__dict__.get(_INSTALLED)
+    installation: _Installation | None = _module(unet).__dict__.get(_INSTALLED)
     return None if installation is None else installation.gates
+
+
+def _module(unet: nn.Module) -> nn.Module:
+    """The UNet itself when ``unet`` is its ``torch.compile`` wrapper."""
+    return getattr(unet, "_orig_mod", unet)
