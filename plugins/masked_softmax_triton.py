@@ -47,9 +47,10 @@ rows run next to each other and G comes from the L2 after the first of them. Eac
 splits its id with scalar integer divisions; rows need only multiplies (a 64-bit division of
 every row index costs more than the memory traffic).
 
-The tiling (``ROWS``, ``num_warps``, ``HEADS``) is a launch parameter: :func:`launch_config`
-gives the default, the GPU check (``maskattn-deploy selftest --gpu``) times the candidates in
-:data:`TUNING_CANDIDATES` and applies the fastest. With ``BLOCK_T >= 32 * num_warps`` Triton
+The tiling (``ROWS``, ``num_warps``, ``HEADS``: a :class:`Tiling`) is a launch parameter passed
+explicitly: :func:`launch_config` gives the default, and the GPU check
+(``maskattn-deploy selftest --gpu``) times the candidates in :data:`TUNING_CANDIDATES` and
+passes the fastest to its later launches. With ``BLOCK_T >= 32 * num_warps`` Triton
 spreads a row over several warps and every row reduction goes through shared memory, so one
 warp per program is the default for the text lengths of SDXL. ``HEADS > 1`` shares the gate
 work between heads and gives each warp several independent S loads in flight; it is not the
@@ -60,14 +61,17 @@ plugins: input pointers, then int32 scalars, then output pointers
 (``S, G, n_rows, heads, n_tokens, t, P``). ``THRESHOLD``, ``BLOCK_T``, ``ROWS`` and ``HEADS``
 are compile-time constants; TensorRT does not serialize plugin attributes for AOT kernels, so the
 threshold is baked into the PTX. The grid is ``b * cdiv(h, HEADS) * cdiv(n, ROWS)`` programs
-(:meth:`LaunchMetadata.grid_x`).
+(:meth:`LaunchMetadata.grid_x`). :func:`compile_ptx` returns the PTX exactly as TensorRT
+receives it: the scratch-pointer parameters that Triton appends to every kernel are removed
+(TensorRT's AOT launch passes only the seven arguments above).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import triton
 import triton.language as tl
@@ -156,40 +160,32 @@ def padded_t(t: int) -> int:
     return block_t
 
 
-Tiling = tuple[int, int, int]  # (ROWS, num_warps, HEADS)
-_overrides: dict[int, Tiling] = {}
+class Tiling(NamedTuple):
+    """How the kernel splits the work: token rows and heads per program, warps per program."""
+
+    rows: int
+    num_warps: int
+    heads: int = 1
+
+
 MAX_HEADS_PER_PROGRAM = 32
 
 
 def launch_config(block_t: int) -> Tiling:
-    """``(ROWS, num_warps, HEADS)`` for padded rows of ``block_t``.
+    """The default tiling for padded rows of ``block_t`` (a pure function of ``block_t``).
 
     One warp per program up to ``BLOCK_T = 256`` (a row's reductions stay inside the warp),
     four above; ``ROWS`` gives each thread about :data:`ELEMENTS_PER_THREAD` elements; one
-    head per program. :func:`use_launch_config` overrides it per ``block_t`` (the GPU check
-    applies its tuning).
+    head per program. Another tiling (a tuning result) is passed explicitly to
+    :func:`masked_softmax_triton` and :func:`compile_ptx`.
     """
-    if block_t in _overrides:
-        return _overrides[block_t]
     num_warps = 1 if block_t <= 256 else 4
-    return max(1, ELEMENTS_PER_THREAD * 32 * num_warps // block_t), num_warps, 1
+    return Tiling(max(1, ELEMENTS_PER_THREAD * 32 * num_warps // block_t), num_warps, 1)
 
 
-def use_launch_config(
-    rows: int | None, num_warps: int = 1, heads: int = 1, block_t: int = 128
-) -> None:
-    """Use ``(rows, num_warps, heads)`` for later launches with ``block_t`` in this process.
-
-    ``rows=None`` goes back to the default tiling.
-    """
-    if rows is None:
-        _overrides.pop(block_t, None)
-        return
-    _check_tiling((rows, num_warps, heads))
-    _overrides[block_t] = (rows, num_warps, heads)
-
-
-def _check_tiling(tiling: Tiling) -> None:
+def check_tiling(tiling: Tiling | tuple[int, ...]) -> Tiling:
+    """``tiling`` as a :class:`Tiling` after checking it; ValueError names the bad field."""
+    tiling = Tiling(*tiling)
     rows, num_warps, heads = tiling
     if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8):
         raise ValueError(
@@ -197,6 +193,7 @@ def _check_tiling(tiling: Tiling) -> None:
         )
     if not 1 <= heads <= MAX_HEADS_PER_PROGRAM:
         raise ValueError(f"heads per program must be 1..{MAX_HEADS_PER_PROGRAM}, got {heads}")
+    return tiling
 
 
 def grid_programs(batch: int, heads: int, n_tokens: int, rows: int, heads_per_program: int) -> int:
@@ -215,7 +212,7 @@ def masked_softmax_triton(
 
     Works on CUDA tensors (a normal Triton launch) and on CPU tensors under
     ``TRITON_INTERPRET=1``. ``out`` may be a preallocated (possibly dirty) buffer like ``S``.
-    ``tiling`` is ``(ROWS, num_warps, HEADS)``; by default :func:`launch_config`.
+    ``tiling`` is a :class:`Tiling` ``(ROWS, num_warps, HEADS)``; by default :func:`launch_config`.
     """
     from maskattn_deploy.ops.reference import check_shapes
 
@@ -235,9 +232,7 @@ def masked_softmax_triton(
     if n_rows == 0:
         return out
     block_t = padded_t(t)
-    if tiling is not None:
-        _check_tiling(tiling)
-    rows, num_warps, heads = tiling or launch_config(block_t)
+    rows, num_warps, heads = check_tiling(tiling) if tiling is not None else launch_config(block_t)
     grid = (grid_programs(b, h, n, rows, heads),)
     masked_softmax_kernel[grid](
         S, G, n_rows, h, n, t, out,
@@ -259,34 +254,108 @@ class LaunchMetadata:
     threshold: float
     arch: int
     dtype: str
+    ptx_version: int = 0  # the PTX ISA the entry declares (84 for 8.4)
 
     @property
     def block_x(self) -> int:
         return self.num_warps * 32
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.rows_per_program, self.num_warps, self.heads_per_program)
 
     def grid_x(self, batch: int, heads: int, n_tokens: int) -> int:
         """Programs for S ``[batch, heads, n_tokens, t]``."""
         return grid_programs(batch, heads, n_tokens, self.rows_per_program, self.heads_per_program)
 
 
-_PTR_TYPES = {"fp16": ("*fp16", "*fp32"), "fp32": ("*fp32", "*fp32")}
+_PTR_TYPES = ("fp16", "fp32")
+# Compiled-kernel metadata fields that size the buffers behind Triton's scratch parameters.
+_SCRATCH_SIZES = ("global_scratch_size", "profile_scratch_size")
 
 
 def kernel_signature(dtype: str, gate_dtype: str | None = None) -> dict[str, str]:
-    """Triton signature of the runtime arguments for logits of ``dtype`` ('fp16'|'fp32')."""
-    if dtype not in _PTR_TYPES:
-        raise ValueError(f"dtype must be 'fp16' or 'fp32', got {dtype!r}")
-    s_type = f"*{dtype}"
-    g_type = f"*{gate_dtype}" if gate_dtype else _PTR_TYPES[dtype][1]
+    """Triton signature of the runtime arguments: logits of ``dtype``, gates of ``gate_dtype``.
+
+    Both are 'fp16' or 'fp32'; the gate logits default to fp32 (the export's fp32 gate island).
+    """
+    gate_dtype = gate_dtype or "fp32"
+    for what, value in (("dtype", dtype), ("gate_dtype", gate_dtype)):
+        if value not in _PTR_TYPES:
+            raise ValueError(f"{what} must be 'fp16' or 'fp32', got {value!r}")
     return {
-        "s_ptr": s_type,
-        "g_ptr": g_type,
+        "s_ptr": f"*{dtype}",
+        "g_ptr": f"*{gate_dtype}",
         "n_rows": "i32",
         "heads": "i32",
         "n_tokens": "i32",
         "t": "i32",
-        "p_ptr": s_type,
+        "p_ptr": f"*{dtype}",
     }
+
+
+def bundled_ptxas_isa(arch: int) -> int:
+    """PTX ISA (87 for 8.7) of the ptxas that Triton uses for ``sm_<arch>``, asked of Triton.
+
+    Triton emits PTX of this ISA by default and assembles it with that ptxas, so PTX meant for
+    an older driver can declare at most ``min(driver ISA, this)``.
+    """
+    from types import SimpleNamespace
+
+    from triton.backends.nvidia import compiler as nvidia
+
+    return int(nvidia.get_ptx_version_from_options(SimpleNamespace(ptx_version=None), arch))
+
+
+def driver_isa(driver_version: tuple[int, int]) -> int:
+    """Highest PTX ISA a CUDA driver ``(major, minor)`` can JIT (Triton's table: 12.9 -> 88)."""
+    from triton.backends.nvidia.compiler import ptx_get_version
+
+    return int(ptx_get_version(f"{driver_version[0]}.{driver_version[1]}"))
+
+
+_ENTRY = r"\.entry\s+{name}\s*\((?P<params>[^)]*)\)"
+_PARAM = re.compile(r"\.param\s+\.(?P<kind>\w+)[^,]*?\s(?P<name>\w+)\s*(?:,|$)")
+
+
+def _entry(ptx: str, name: str) -> re.Match[str]:
+    match = re.search(_ENTRY.format(name=re.escape(name)), ptx)
+    if match is None:
+        raise ValueError(f"the PTX has no .entry {name}")
+    return match
+
+
+def entry_params(ptx: str, name: str) -> list[tuple[str, str]]:
+    """``(type, name)`` of each ``.param`` of ``.entry name`` in order, e.g. ``("u64", ...)``."""
+    return [(m["kind"], m["name"]) for m in _PARAM.finditer(_entry(ptx, name)["params"])]
+
+
+def strip_scratch_params(ptx: str, name: str, n_args: int, metadata: Any) -> str:
+    """Remove the scratch-pointer parameters Triton appended after the ``n_args`` arguments.
+
+    Only parameters after the kernel's own arguments are candidates, and only when the body
+    never reads them and the compiled metadata asks for no scratch memory (its global and
+    profile scratch sizes are 0); anything else raises, since TensorRT launches the kernel
+    without such buffers. Unread parameters among the kernel's own arguments (``n_rows``) stay:
+    they are part of the calling convention.
+    """
+    match = _entry(ptx, name)
+    params = entry_params(ptx, name)
+    extra = params[n_args:]
+    if not extra:
+        return ptx
+    sizes = {field: getattr(metadata, field, None) for field in _SCRATCH_SIZES}
+    if any(size != 0 for size in sizes.values()):
+        raise ValueError(f"{name} needs scratch memory ({sizes}); TensorRT cannot provide it")
+    rest = ptx[match.end() :]
+    read = [p for _, p in extra if re.search(rf"\b{re.escape(p)}\b", rest)]
+    if read or any(kind != "u64" for kind, _ in extra):
+        raise ValueError(f"{name}: the parameters after its arguments are not unused pointers")
+    declarations = match["params"]
+    keep_end = [m.end() for m in _PARAM.finditer(declarations)][n_args - 1]
+    kept = declarations[:keep_end].rstrip().rstrip(",") + "\n"
+    start = match.start("params")
+    return ptx[:start] + kept + ptx[match.end("params") :]
 
 
 def compile_ptx(
@@ -294,19 +363,17 @@ def compile_ptx(
     arch: int,
     block_t: int,
     threshold: float = 0.0,
-    rows_per_program: int | None = None,
-    num_warps: int | None = None,
-    heads_per_program: int | None = None,
+    tiling: Tiling | None = None,
     gate_dtype: str | None = None,
     ptx_version: int | None = None,
 ) -> tuple[str, str, LaunchMetadata]:
     """Compile the kernel ahead of time to PTX for ``sm_<arch>``; no GPU needed.
 
-    Returns ``(ptx, kernel_name, metadata)``. ``block_t`` must be a power of two >= t.
-    ``ptx_version`` (e.g. 84 for PTX ISA 8.4) caps the ISA for an older driver that will JIT
-    the PTX (TensorRT does); by default Triton uses the newest its bundled ptxas knows.
-    The PTX also declares the scratch pointers Triton appends to every kernel
-    (``.param`` lines after P); they are unused by this kernel.
+    Returns ``(ptx, kernel_name, metadata)``; the PTX is exactly what TensorRT receives (its
+    entry takes the seven arguments of the calling convention, see :func:`strip_scratch_params`).
+    ``block_t`` must be a power of two >= t; ``tiling`` defaults to :func:`launch_config`.
+    ``ptx_version`` (84 for PTX ISA 8.4) caps the ISA for an older driver that will JIT the PTX
+    (TensorRT does); it must not exceed :func:`bundled_ptxas_isa`, the default.
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -317,27 +384,25 @@ def compile_ptx(
         )
     if block_t < 2 or block_t & (block_t - 1) or block_t > MAX_BLOCK_T:
         raise ValueError(f"block_t must be a power of two in [2, {MAX_BLOCK_T}], got {block_t}")
-    default_rows, default_warps, default_heads = launch_config(block_t)
-    rows = rows_per_program or default_rows
-    num_warps = num_warps or default_warps
-    heads = heads_per_program or default_heads
-    _check_tiling((rows, num_warps, heads))
+    rows, num_warps, heads = check_tiling(tiling) if tiling is not None else launch_config(block_t)
+    signature = kernel_signature(dtype, gate_dtype)
     src = ASTSource(
         fn=masked_softmax_kernel,
-        signature=kernel_signature(dtype, gate_dtype),
+        signature=signature,
         constexprs={
             "THRESHOLD": float(threshold),
             "BLOCK_T": block_t,
             "ROWS": rows,
             "HEADS": heads,
-        },  # fmt: skip
+        },
     )
-    target = GPUTarget("cuda", arch, 32)
     options: dict[str, Any] = {"num_warps": num_warps}
     if ptx_version is not None:
         options["ptx_version"] = ptx_version
-    compiled = triton.compile(src, target=target, options=options)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     meta = compiled.metadata
+    ptx = strip_scratch_params(compiled.asm["ptx"], meta.name, len(signature), meta)
+    version = re.search(r"^\.version (\d+)\.(\d+)", ptx, re.M)
     logger.debug("compiled %s for sm_%d (%s, BLOCK_T=%d)", meta.name, arch, dtype, block_t)
     launch = LaunchMetadata(
         num_warps=meta.num_warps,
@@ -348,5 +413,6 @@ def compile_ptx(
         threshold=float(threshold),
         arch=arch,
         dtype=dtype,
+        ptx_version=int(version[1]) * 10 + int(version[2]) if version else 0,
     )
-    return compiled.asm["ptx"], meta.name, launch
+    return ptx, meta.name, launch

@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of the Triton kernel to PTX for sm_80/86/89/90, without a GPU.
 
 This is what the TensorRT plugin's ``aot_impl`` returns to TensorRT; the parameter list must
-follow the AOT calling convention (input pointers, int32 scalars, output pointer).
+follow the AOT calling convention (input pointers, int32 scalars, output pointer) and nothing
+else: Triton's trailing scratch-pointer parameters are removed.
 """
 
 from __future__ import annotations
@@ -38,10 +39,8 @@ def test_ptx_for_each_arch(arch: int, dtype: str) -> None:
     assert name == mst.KERNEL_NAME
     assert f".entry {name}(" in ptx
     assert re.search(rf"^\.target sm_{arch}a?\b", ptx, re.M), f"no .target sm_{arch}"
-    params = _params(ptx, name)
-    # Triton appends its scratch pointers after the user arguments (unused by this kernel).
-    assert params[: len(USER_PARAMS)] == USER_PARAMS
-    assert all(p == "u64" for p in params[len(USER_PARAMS) :])
+    # Exactly the arguments TensorRT passes: no scratch pointers after P.
+    assert _params(ptx, name) == USER_PARAMS
     # fp16 logits are widened to fp32 for the max/exp/sum, fp32 ones need no conversion.
     assert ("cvt.f32.f16" in ptx) == (dtype == "fp16")
     rows, warps, heads = mst.launch_config(128)
@@ -81,22 +80,19 @@ def test_padding_and_default_tiling(t: int, block_t: int, rows: int) -> None:
     assert mst.launch_config(block_t) == (rows, 1, 1)
 
 
-def test_launch_config_override_and_reset() -> None:
-    mst.use_launch_config(16, 4, 5)  # for BLOCK_T 128 only
-    try:
-        assert mst.launch_config(128) == (16, 4, 5)
-        assert mst.launch_config(256) == (2, 1, 1)
-        _, _, meta = mst.compile_ptx("fp16", 90, block_t=128)
-        assert (meta.rows_per_program, meta.num_warps, meta.heads_per_program) == (16, 4, 5)
-        # 20 heads in groups of 5 -> 4 groups; 1024 tokens in blocks of 16 -> 64 blocks.
-        assert meta.grid_x(2, 20, 1024) == 2 * 4 * 64
-    finally:
-        mst.use_launch_config(None)
-    assert mst.launch_config(128) == (4, 1, 1)
+def test_tiling_is_passed_explicitly_and_leaves_no_state() -> None:
+    _, _, meta = mst.compile_ptx("fp16", 90, block_t=128, tiling=mst.Tiling(16, 4, 5))
+    assert meta.tiling == (16, 4, 5)
+    # 20 heads in groups of 5 -> 4 groups; 1024 tokens in blocks of 16 -> 64 blocks.
+    assert meta.grid_x(2, 20, 1024) == 2 * 4 * 64
+    # The next compile without a tiling gets the default again.
+    _, _, meta = mst.compile_ptx("fp16", 90, block_t=128)
+    assert meta.tiling == mst.launch_config(128) == (4, 1, 1)
+    assert not hasattr(mst, "use_launch_config")
     with pytest.raises(ValueError, match="power of two"):
-        mst.use_launch_config(3, 1)
+        mst.check_tiling((3, 1, 1))
     with pytest.raises(ValueError, match="heads per program"):
-        mst.use_launch_config(4, 1, 0)
+        mst.check_tiling((4, 1, 0))
 
 
 def test_rows_are_split_without_64_bit_division() -> None:
@@ -110,11 +106,65 @@ def test_rows_are_split_without_64_bit_division() -> None:
 @pytest.mark.parametrize("tiling", mst.TUNING_CANDIDATES)
 def test_every_candidate_tiling_compiles_for_sm90(tiling: tuple[int, int, int]) -> None:
     rows, warps, heads = tiling
-    ptx, name, meta = mst.compile_ptx(
-        "fp16", 90, block_t=128, rows_per_program=rows, num_warps=warps, heads_per_program=heads
-    )
+    ptx, name, meta = mst.compile_ptx("fp16", 90, block_t=128, tiling=mst.Tiling(*tiling))
     assert f".entry {name}(" in ptx
-    assert (meta.rows_per_program, meta.num_warps, meta.heads_per_program) == tiling
+    assert meta.tiling == tiling
     # Each head of the group stores its own probabilities: HEADS times the stores of one head.
-    one, _, _ = mst.compile_ptx("fp16", 90, block_t=128, rows_per_program=rows, num_warps=warps)
+    one, _, _ = mst.compile_ptx("fp16", 90, block_t=128, tiling=mst.Tiling(rows, warps, 1))
     assert ptx.count("st.global") == heads * one.count("st.global")
+
+
+# A hand-written entry in the layout Triton emits: n_rows (param_2) is never read, two scratch
+# pointers follow P.
+_ENTRY = """.version 8.7
+.target sm_80
+.address_size 64
+
+.visible .entry k(
+\t.param .u64 .ptr .global .align 1 k_param_0,
+\t.param .u64 .ptr .global .align 1 k_param_1,
+\t.param .u32 k_param_2,
+\t.param .u32 k_param_3,
+\t.param .u64 .ptr .global .align 1 k_param_4,
+\t.param .u64 .ptr .global .align 1 k_param_5,
+\t.param .u64 .ptr .global .align 1 k_param_6
+)
+.reqntid 32
+{
+\tld.param.b64 \t%rd1, [k_param_0];
+\tld.param.b64 \t%rd2, [k_param_1];
+\tld.param.b32 \t%r1, [k_param_3];
+\tld.param.b64 \t%rd3, [k_param_4];
+\tret;
+}
+"""
+
+
+class _Meta:
+    def __init__(self, global_scratch: int = 0, profile_scratch: int = 0) -> None:
+        self.global_scratch_size = global_scratch
+        self.profile_scratch_size = profile_scratch
+
+
+def test_strip_removes_exactly_the_trailing_unused_scratch_pointers() -> None:
+    out = mst.strip_scratch_params(_ENTRY, "k", 5, _Meta())
+    assert [p for _, p in mst.entry_params(out, "k")] == [f"k_param_{i}" for i in range(5)]
+    assert "k_param_5" not in out and "k_param_6" not in out
+    assert "k_param_4\n)" in out  # the new last parameter has no trailing comma
+    # The unused argument k_param_2 (n_rows in our kernel) is part of the contract and stays.
+    assert ".param .u32 k_param_2," in out
+    assert out.split("{", 1)[1] == _ENTRY.split("{", 1)[1]  # body untouched
+    assert mst.strip_scratch_params(out, "k", 5, _Meta()) == out  # nothing more to strip
+
+
+@pytest.mark.parametrize(
+    ("ptx", "meta", "match"),
+    [
+        (_ENTRY, _Meta(global_scratch=256), "scratch memory"),
+        (_ENTRY, _Meta(profile_scratch=64), "scratch memory"),
+        (_ENTRY.replace("\tret;", "\tld.param.b64 %rd4, [k_param_6];\n\tret;"), _Meta(), "unused"),
+    ],
+)
+def test_strip_refuses_scratch_the_kernel_needs(ptx: str, meta: _Meta, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        mst.strip_scratch_params(ptx, "k", 5, meta)

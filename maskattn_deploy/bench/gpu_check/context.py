@@ -86,6 +86,7 @@ class RunContext:
     kernel: Any = None
     kernel_missing: str | None = None
     kernel_path: str = ""
+    tiling: Any = None  # the tuning sweep's winner (rows, num_warps, heads) at BLOCK_T 128
     compile_s: float = 0.0  # longest first (compiling) call so far: the next compile's estimate
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # last output per variant
 

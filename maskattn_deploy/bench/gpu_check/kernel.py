@@ -1,8 +1,8 @@
 """The ``kernel`` part: the Triton masked softmax against the oracle, its tiling sweep, its speed.
 
 First a tiling sweep (each ``(ROWS, num_warps, HEADS)`` of the kernel's ``TUNING_CANDIDATES``,
-checked on the t = 77 cases and timed; the fastest correct one is applied for the rest of the
-run), then the kernel against the reference oracle on every case of docs/design.md section 3.3
+checked on the t = 77 cases and timed; the fastest correct one is passed explicitly to the
+kernel checks and timings that follow), then the kernel against the reference oracle on every case of docs/design.md section 3.3
 (exact zero pattern, max abs diff within fp32 1e-6 / fp16 2e-3, poisoned output buffers), then
 its time at the SDXL shapes next to a device-to-device copy of the same bytes and the torch
 reference.
@@ -47,6 +47,7 @@ ATOL = {"float32": 1e-6, "float16": 2e-3}
 POISON = 123.0  # never a probability: any survivor in P is an unwritten element
 KERNEL_MODULE = "maskattn_deploy.plugins.masked_softmax_triton"
 Shape = tuple[int, int, int, int]
+TUNED_BLOCK_T = 128  # the sweep times t = 77, padded to 128; other lengths keep the default
 
 
 def ensure_plugins_importable() -> None:
@@ -173,19 +174,38 @@ def check_output(
     return checks, max_abs
 
 
+def tiling_for(kernel: Any, tiling: Any, t: int) -> Any:
+    """The tuned tiling for rows of length ``t`` (None: the kernel's default)."""
+    if tiling is None or kernel.padded_t(t) != TUNED_BLOCK_T:
+        return None
+    return tiling
+
+
 def kernel_correctness(
-    kernel: Any, device: torch.device, plan: Plan, seed: int, only_t: int | None = None
+    kernel: Any,
+    device: torch.device,
+    plan: Plan,
+    seed: int,
+    only_t: int | None = None,
+    tiling: Any = None,
 ) -> Correctness:
-    """Every case (or those with ``t == only_t``) in fp32 and fp16 against the reference."""
+    """Every case (or those with ``t == only_t``) in fp32 and fp16 against the reference.
+
+    ``tiling`` (rows, num_warps, heads) is passed to the launches with BLOCK_T 128.
+    """
     results = []
     for case in kernel_cases(plan.case_tokens, seed):
-        if only_t is not None and case.S.shape[-1] != only_t:
+        t = case.S.shape[-1]
+        if only_t is not None and t != only_t:
             continue
         for dtype in (torch.float32, torch.float16):
             S = case.S.to(dtype)
             G = case.G.to(dtype) if case.gate_like_logits else case.G
             out = torch.full(S.shape, case.poison, dtype=dtype, device=device)
-            got = kernel.masked_softmax_triton(S.to(device), G.to(device), case.threshold, out=out)
+            got = kernel.masked_softmax_triton(
+                S.to(device), G.to(device), case.threshold, out=out,
+                tiling=tiling_for(kernel, tiling, t),
+            )  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wrote = got.data_ptr() == out.data_ptr()
@@ -230,7 +250,7 @@ def _kernel_inputs(
 
 def time_kernel_shape(
     kernel: Any, shape: Shape, dtype: str, device: torch.device, plan: Plan, timer: Timer,
-    l2_bytes: int,
+    l2_bytes: int, tiling: Any = None,
 ) -> KernelTiming:  # fmt: skip
     """Kernel vs a copy of the same bytes vs the torch reference at one shape and dtype."""
     from maskattn_deploy.ops.reference import masked_softmax_reference
@@ -248,8 +268,10 @@ def time_kernel_shape(
         for _ in range(sets)
     ]  # fmt: skip
     inner, samples = plan.kernel_inner, plan.kernel_samples
+    tiling = tiling_for(kernel, tiling, t)
     k = timer.per_call_us(
-        [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2]) for d in data],
+        [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2], tiling=tiling)
+         for d in data],
         inner, samples,
     )  # fmt: skip
     c = timer.per_call_us([lambda p=p: p[1].copy_(p[0]) for p in copies], inner, samples)
@@ -282,21 +304,23 @@ def copy_ceiling(device: torch.device, plan: Plan, timer: Timer) -> CopyCeiling:
 def tune_tiling(ctx: RunContext) -> Tuning:
     """Time each candidate tiling (ROWS, num_warps, HEADS) at t = 77 and keep the fastest.
 
-    A candidate counts only if it passes every t = 77 correctness case. The winner is applied
-    with ``use_launch_config`` for the rest of the run (kernel timings and the UNet); the
-    criterion is the geometric mean of its median times over the timing shapes and dtypes.
+    A candidate counts only if it passes every t = 77 correctness case. The winner is stored
+    in ``ctx.tiling`` and passed explicitly to the later kernel checks and timings; the UNet
+    runs keep the kernel's default tiling (nothing global changes, so neither do later engine
+    builds: pass the winner to ``build --kernel-tiling``). The criterion is the geometric mean
+    of its median times over the timing shapes and dtypes.
     """
     kernel, plan = ctx.kernel, ctx.plan
     candidates = tuple(getattr(kernel, "TUNING_CANDIDATES", ()))[: plan.tuning_candidates]
-    if not candidates or not hasattr(kernel, "use_launch_config"):
+    if not candidates:
         return Tuning("skipped", reason="the kernel module has no tuning candidates")
     rows = [_time_tiling(ctx, tiling) for tiling in candidates]
-    result = Tuning("ok", default=list(kernel.launch_config(128)), candidates=rows,
+    result = Tuning("ok", default=list(kernel.launch_config(TUNED_BLOCK_T)), candidates=rows,
                     criterion="geometric mean of median us over the timing shapes and dtypes")  # fmt: skip
     good = [r for r in rows if r.correct]
     if good:
         best = min(good, key=lambda r: r.geomean_us)
-        kernel.use_launch_config(best.rows, best.num_warps, best.heads)
+        ctx.tiling = (best.rows, best.num_warps, best.heads)
         result.chosen = [best.rows, best.num_warps, best.heads]
         ctx.echo(f"  tiling chosen: rows={best.rows} warps={best.num_warps} heads={best.heads}")
     return result
@@ -305,19 +329,16 @@ def tune_tiling(ctx: RunContext) -> Tuning:
 def _time_tiling(ctx: RunContext, tiling: tuple[int, int, int]) -> TilingCandidate:
     """One candidate: correct on the t = 77 cases? Median us at each timing shape and dtype."""
     kernel, plan = ctx.kernel, ctx.plan
-    kernel.use_launch_config(*tiling)
-    try:
-        correct = kernel_correctness(kernel, ctx.device, plan, ctx.config.seed, only_t=77)
-        times = {}
-        for shape in plan.timing_shapes:
-            for dtype in plan.timing_dtypes:
-                data = _kernel_inputs(shape, getattr(torch, dtype), ctx.device, 2)
-                calls = [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2])
-                         for d in data]  # fmt: skip
-                stats = ctx.timer.per_call_us(calls, plan.kernel_inner, plan.tuning_samples)
-                times[f"{list(shape)} {dtype}"] = stats.median_us
-    finally:
-        kernel.use_launch_config(None)
+    correct = kernel_correctness(kernel, ctx.device, plan, ctx.config.seed, 77, tiling)
+    times = {}
+    for shape in plan.timing_shapes:
+        for dtype in plan.timing_dtypes:
+            data = _kernel_inputs(shape, getattr(torch, dtype), ctx.device, 2)
+            calls = [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2],
+                                                               tiling=tiling)
+                     for d in data]  # fmt: skip
+            stats = ctx.timer.per_call_us(calls, plan.kernel_inner, plan.tuning_samples)
+            times[f"{list(shape)} {dtype}"] = stats.median_us
     geo = math.exp(statistics.fmean(math.log(v) for v in times.values()))
     row = TilingCandidate(tiling[0], tiling[1], tiling[2], correct.all_pass, correct.failed,
                           times, geo)  # fmt: skip
@@ -336,9 +357,12 @@ def kernel_part(part: Part[KernelData], ctx: RunContext) -> None:
         return
     data = part.data = KernelData(module=ctx.kernel.__name__)
     data.tuning = tune_tiling(ctx)
-    data.tiling = list(ctx.kernel.launch_config(128)) if data.tuning.status == "ok" else None
+    if data.tuning.status == "ok":
+        data.tiling = list(ctx.tiling or ctx.kernel.launch_config(TUNED_BLOCK_T))
     ctx.save()
-    data.correctness = kernel_correctness(ctx.kernel, ctx.device, ctx.plan, ctx.config.seed)
+    data.correctness = kernel_correctness(
+        ctx.kernel, ctx.device, ctx.plan, ctx.config.seed, tiling=ctx.tiling
+    )
     ctx.save()
     l2 = ctx.l2_bytes()
     data.copy_ceiling = copy_ceiling(ctx.device, ctx.plan, ctx.timer)
@@ -346,7 +370,9 @@ def kernel_part(part: Part[KernelData], ctx: RunContext) -> None:
     data.timing = []
     for shape in ctx.plan.timing_shapes:
         for dtype in ctx.plan.timing_dtypes:
-            row = time_kernel_shape(ctx.kernel, shape, dtype, ctx.device, ctx.plan, ctx.timer, l2)
+            row = time_kernel_shape(
+                ctx.kernel, shape, dtype, ctx.device, ctx.plan, ctx.timer, l2, ctx.tiling
+            )
             row.floor_us = row.bytes / (ceiling_gbps * 1e9) * 1e6
             data.timing.append(row)
             ctx.echo(kernel_line(row))
