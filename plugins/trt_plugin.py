@@ -3,11 +3,20 @@
 The exported ONNX node ``op_type=MaskedSoftmax`` with ``plugin_namespace=maskattn`` (see
 :mod:`maskattn_deploy.ops.contract`) resolves to this plugin. It defines:
 
-* ``register``: shape/type inference, output ``P`` like ``S``; attribute ``threshold``.
-* ``autotune``: fp32 S with fp32 G, fp16 S with fp32 G, fp16 S with fp16 G, all LINEAR.
+* ``register``: shape/type inference, output ``P`` like ``S``; attribute ``threshold``, a
+  one-element float32 array (the ONNX parser hands a FLOAT attribute over as a float32 field
+  of length 1; TensorRT 10.x converts a field to a ``float`` attribute with ``float(array)``,
+  which NumPy 2.4 refuses for arrays, while array attributes work on every release).
+* ``autotune``: fp32 or fp16 S with fp32 or fp16 G (P like S), all LINEAR.
 * ``aot_impl``: compiles the Triton kernel of :mod:`masked_softmax_triton` to PTX for the GPU
   the engine is built on and returns it with the launch parameters. TensorRT embeds the PTX in
-  the engine, so the engine runs in any TensorRT runtime (C++ included) without Python.
+  the engine, so the engine runs in any TensorRT runtime (C++ included) without Python, and
+  loading an engine needs neither this module nor Triton.
+
+The PTX declares the ISA ``min(driver ISA, ISA of Triton's bundled ptxas)``: the driver JITs
+it when the engine loads, and Triton's ptxas must assemble it at compile time. The text length
+must be a build-time constant (it sets the padded row ``BLOCK_T``); the tiling is the one given
+to :func:`register_plugin`, else the kernel's default.
 
 This module deliberately has no ``from __future__ import annotations``: ``tensorrt.plugin``
 validates the decorated functions' annotations as live objects.
@@ -16,44 +25,70 @@ validates the decorated functions' annotations as live objects.
 import logging
 import threading
 
+import numpy as np
+import numpy.typing as npt
+
+from maskattn_deploy.errors import UserError
 from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_VERSION
 
 logger = logging.getLogger(__name__)
 
 # tensorrt.plugin registers Python plugins with version "1"; the contract must agree.
 QDP_PLUGIN_VERSION = "1"
-# Padded row length compiled in when the text length is not a build-time constant.
-DYNAMIC_T_BLOCK = 256
 
-_lock = threading.Lock()
-_registered = False
-
-# (io type string, S dtype, G dtype) combinations the kernel implements.
+# (io type string S, G, P; S dtype; G dtype): the combinations the kernel implements, the
+# same set the ONNX schema of the custom node admits.
 TYPE_COMBINATIONS = (
     ("FP32, FP32, FP32", "fp32", "fp32"),
+    ("FP32, FP16, FP32", "fp32", "fp16"),
     ("FP16, FP32, FP16", "fp16", "fp32"),
     ("FP16, FP16, FP16", "fp16", "fp16"),
 )
 
+_lock = threading.Lock()
+# TensorRT's plugin registry is per process and a Python plugin cannot be redefined, so the
+# tiling fixed at the first registration is remembered to refuse a different one later.
+_registered: dict[str, object] = {}
 
-def ptx_version_for_driver(driver_version: tuple[int, int]) -> int | None:
-    """Highest PTX ISA the installed driver can JIT (None: let Triton choose its default)."""
+
+def ptx_version_for_driver(driver_version: tuple[int, int], arch: int) -> int | None:
+    """PTX ISA for a kernel the driver ``(major, minor)`` will JIT on ``sm_<arch>``.
+
+    ``min(driver ISA, bundled ptxas ISA)``: the driver cannot JIT a newer ISA, and Triton's
+    ptxas cannot assemble one newer than it knows. None (Triton's default) when the driver
+    version is unknown.
+    """
     if driver_version == (0, 0):
         return None
-    from triton.backends.nvidia.compiler import ptx_get_version
+    from maskattn_deploy.plugins.masked_softmax_triton import bundled_ptxas_isa, driver_isa
 
-    return ptx_get_version(f"{driver_version[0]}.{driver_version[1]}")
+    return min(driver_isa(driver_version), bundled_ptxas_isa(arch))
 
 
-def register_plugin() -> bool:
+def register_plugin(tiling=None) -> bool:
     """Define the plugin in TensorRT's registry once per process; True when registered.
 
+    ``tiling`` (a ``Tiling`` or ``(rows, num_warps, heads)``) is compiled into every kernel of
+    the engines this process builds; None uses the kernel's default for the text length. A
+    later call with another tiling raises, since TensorRT cannot redefine a Python plugin.
     Call after :func:`maskattn_deploy.engine.cuda_check.require_tensorrt_and_gpu` and before
     parsing an ONNX file that contains the custom node.
     """
-    global _registered
+    from maskattn_deploy.plugins.masked_softmax_triton import check_tiling
+
+    try:
+        wanted = check_tiling(tiling) if tiling is not None else None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"kernel tiling {tiling}: {exc}") from None
     with _lock:
-        if _registered:
+        if "tiling" in _registered:
+            if _registered["tiling"] != wanted:
+                have = _registered["tiling"]
+                raise UserError(
+                    f"the {PLUGIN_ID} plugin is already defined in this process with tiling "
+                    f"{tuple(have) if have else 'default'}; build with tiling "
+                    f"{tuple(wanted) if wanted else 'default'} in a new process"
+                )
             return True
         if PLUGIN_VERSION != QDP_PLUGIN_VERSION:
             raise RuntimeError(
@@ -63,17 +98,19 @@ def register_plugin() -> bool:
         import tensorrt as trt
         import tensorrt.plugin as trtp
 
-        _define(trt, trtp)
-        _registered = True
+        define_plugin(trt, trtp, wanted)
+        _registered["tiling"] = wanted
         logger.info("registered TensorRT plugin %s (version %s)", PLUGIN_ID, QDP_PLUGIN_VERSION)
         return True
 
 
-def _define(trt, trtp) -> None:
+def define_plugin(trt, trtp, tiling=None) -> None:
     """Attach register/autotune/aot_impl for PLUGIN_ID to the given TensorRT modules."""
 
     @trtp.register(PLUGIN_ID)
-    def _desc(s: trtp.TensorDesc, g: trtp.TensorDesc, threshold: float) -> trtp.TensorDesc:
+    def _desc(
+        s: trtp.TensorDesc, g: trtp.TensorDesc, threshold: npt.NDArray[np.float32]
+    ) -> trtp.TensorDesc:
         return s.like()
 
     @trtp.autotune(PLUGIN_ID)
@@ -82,9 +119,21 @@ def _define(trt, trtp) -> None:
 
     @trtp.aot_impl(PLUGIN_ID)
     def _aot(
-        s: trtp.TensorDesc, g: trtp.TensorDesc, threshold: float, outputs, tactic: int
+        s: trtp.TensorDesc,
+        g: trtp.TensorDesc,
+        threshold: npt.NDArray[np.float32],
+        outputs,
+        tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
-        return _aot_launch(trt, trtp, s, g, float(threshold))
+        return _aot_launch(trt, trtp, s, g, scalar_threshold(threshold), tiling)
+
+
+def scalar_threshold(value) -> float:
+    """The threshold attribute (a one-element array) as a float."""
+    flat = np.asarray(value, dtype=np.float32).reshape(-1)
+    if flat.size != 1:
+        raise ValueError(f"{PLUGIN_ID}: threshold must be one number, got {flat.size} values")
+    return float(flat[0])
 
 
 def _dtype_name(trt, dtype) -> str:
@@ -95,36 +144,37 @@ def _dtype_name(trt, dtype) -> str:
     raise TypeError(f"{PLUGIN_ID} supports fp16/fp32 tensors, got {dtype}")
 
 
-def _static_t(dim) -> int | None:
-    """The text length when it is a build-time constant, else None."""
+def static_text_length(dim) -> int:
+    """The text length ``t`` (last axis of S); it must be a build-time constant.
+
+    The padded row ``BLOCK_T`` is compiled into the kernel, and a kernel compiled for one
+    length would leave longer rows' columns unwritten, so a dynamic length is refused.
+    """
     if getattr(dim, "is_fake", False) or not dim.is_constant:
-        return None
+        raise ValueError(
+            f"{PLUGIN_ID} needs a text length fixed at build time (the last axis of its logits "
+            "is dynamic); export with a static text length, e.g. 77 tokens"
+        )
     return int(dim.constant_value())
 
 
-def _aot_launch(trt, trtp, s, g, threshold: float):
-    """PTX, kernel name, launch parameters and symbolic scalar args for one type combination."""
+def _aot_launch(trt, trtp, s, g, threshold: float, tiling):
+    """Kernel name, PTX, launch parameters and symbolic scalar args for one type combination."""
     from maskattn_deploy.plugins.masked_softmax_triton import compile_ptx, padded_t
 
     from maskattn_deploy.engine.cuda_check import probe_cuda
 
     cuda = probe_cuda()
     b, h, n, t = s.shape_expr[0], s.shape_expr[1], s.shape_expr[2], s.shape_expr[3]
-    t_const = _static_t(t)
-    block_t = padded_t(t_const) if t_const is not None else DYNAMIC_T_BLOCK
-    if t_const is None:
-        logger.warning(
-            "%s: text length is dynamic; kernel compiled for t <= %d", PLUGIN_ID, block_t
-        )
     ptx, name, meta = compile_ptx(
         _dtype_name(trt, s.dtype),
         cuda.sm,
-        block_t,
+        padded_t(static_text_length(t)),
         threshold=threshold,
+        tiling=tiling,
         gate_dtype=_dtype_name(trt, g.dtype),
-        ptx_version=ptx_version_for_driver(cuda.driver_version),
+        ptx_version=ptx_version_for_driver(cuda.driver_version, cuda.sm),
     )
-    n_rows = b * h * n
     params = trtp.KernelLaunchParams()
     # One program per ROWS token rows of HEADS heads of one batch (LaunchMetadata.grid_x).
     groups = trtp.cdiv(h, meta.heads_per_program)
@@ -132,5 +182,5 @@ def _aot_launch(trt, trtp, s, g, threshold: float):
     params.block_x = meta.block_x
     params.shared_mem = meta.shared_mem
     # Scalar kernel arguments in kernel order (after S and G, before P): n_rows, heads, n, t.
-    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (n_rows, h, n, t)])
+    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (b * h * n, h, n, t)])
     return name, ptx, params, extra

@@ -70,7 +70,9 @@ def op_schema() -> onnx.defs.OpSchema:
     from onnx.defs import OpSchema
 
     attr = OpSchema.AttrType
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    # The types the TensorRT plugin implements (fp32/fp16 logits, fp32/fp16 gate logits); a
+    # bf16 graph would parse and then find no plugin kernel.
+    floats = ["tensor(float)", "tensor(float16)"]
     return OpSchema(
         PLUGIN_NAME,
         ONNX_DOMAIN,
