@@ -22,12 +22,14 @@ from _trt import requires_tensorrt
 from onnx import TensorProto, helper
 
 from maskattn_deploy.bench.sdxl_config import sdxl_unet_config
+from maskattn_deploy.engine.builder import BuildOptions
 from maskattn_deploy.engine.cuda_check import missing_for_tensorrt
 from maskattn_deploy.engine.manifest import (
     ENGINE_FORMAT,
     EngineMismatchError,
     check_engine_manifest,
     current_environment,
+    driver_ptx_isa,
     make_engine_manifest,
     read_engine_manifest,
 )
@@ -123,13 +125,14 @@ def test_bad_recipe_profiles_are_refused() -> None:
 
 # ---------------------------------------------------------------- engine manifests
 
-HERE = current_environment("10.13.3.9", "NVIDIA H100 80GB HBM3", (9, 0))
+HERE = current_environment("10.13.3.9", "NVIDIA H100 80GB HBM3", (9, 0), (12, 9))
+KERNEL = {"id": "maskattn::MaskedSoftmax", "version": "1", "triton_version": "3.6.0",
+          "block_t": 128, "tiling": [4, 1, 1], "tiling_source": "default", "ptx_isa": 87}  # fmt: skip
 
 
 def _manifest(**over) -> dict:
     base = make_engine_manifest(
-        "unet", HERE, "unet/model.onnx", "a" * 64, [], {"id": "maskattn::MaskedSoftmax", "version": "1"},
-        12.0, {"workspace_gib": 4},
+        "unet", HERE, "unet/model.onnx", "a" * 64, [], KERNEL, 12.0, {"workspace_gib": 4},
     )  # fmt: skip
     base.update(over)
     return base
@@ -157,6 +160,38 @@ def test_engine_for_other_machine_is_refused(override: dict, needle: str) -> Non
     message = str(info.value)
     assert needle in message
     assert "rebuild with maskattn-deploy build out/sdxl-onnx" in message
+
+
+@pytest.mark.parametrize(
+    ("driver", "ok"), [((12, 9), True), ((13, 0), True), ((12, 8), True), ((12, 6), False)]
+)
+def test_plugin_kernel_needs_a_driver_that_can_jit_its_ptx(driver, ok) -> None:
+    # The kernel is PTX ISA 8.7: drivers 12.8+ JIT it (NVIDIA's table: 12.8 -> 8.7, 12.6 -> 8.5).
+    here = current_environment("10.13.3.9", "NVIDIA H100 80GB HBM3", (9, 0), driver)
+    if ok:
+        check_engine_manifest(_manifest(), here)
+    else:
+        with pytest.raises(EngineMismatchError, match=r"PTX ISA 8\.7.*driver 12\.6"):
+            check_engine_manifest(_manifest(), here)
+
+
+@pytest.mark.parametrize(
+    ("driver", "isa"),
+    [("12.4", 84), ("12.5", 85), ("12.6", 85), ("12.7", 86), ("12.8", 87), ("12.9", 88),
+     ("13.0", 90), ("13.1", 91), ("0.0", None), ("", None)],
+)  # fmt: skip
+def test_driver_ptx_isa_follows_nvidias_table(driver: str, isa: int | None) -> None:
+    assert driver_ptx_isa(driver) == isa
+
+
+def test_engines_without_a_kernel_record_are_refused() -> None:
+    # Format 1 engines were built with a kernel whose PTX declared two extra parameters.
+    old = _manifest(format="maskattn-deploy-engine/1")
+    old["plugin"] = {"id": "maskattn::MaskedSoftmax", "version": "1"}
+    with pytest.raises(EngineMismatchError, match="kernel is not recorded.*rebuild"):
+        check_engine_manifest(old, HERE)
+    no_plugin = _manifest(plugin=None)  # components without the custom node need no kernel
+    check_engine_manifest(no_plugin, HERE)
 
 
 def test_engine_from_other_onnx_is_refused() -> None:
@@ -194,7 +229,7 @@ def _masked_softmax_onnx(path: Path, t: int = 77, dtype: int = TensorProto.FLOAT
     onnx.save(model, str(path))
 
 
-def _fake_export(root: Path) -> Path:
+def _fake_export(root: Path, outputs: list[str] | None = None) -> Path:
     """An export folder with one small 'unet' ONNX holding the plugin node."""
     _masked_softmax_onnx(root / "unet" / "model.onnx")
     recipe = load_recipe("export", "tiny")
@@ -202,7 +237,9 @@ def _fake_export(root: Path) -> Path:
         "format": "maskattn-deploy-export/1", "precision": "fp32", "opset": 18, "recipe": recipe,
         "components": {"unet": {"path": "unet/model.onnx", "inputs": [
             {"name": "S", "dtype": "float32", "shape": ["B", 2, 1024, 77]},
-            {"name": "G", "dtype": "float32", "shape": ["B", 1, 1024, 77]}]}},
+            {"name": "G", "dtype": "float32", "shape": ["B", 1, 1024, 77]}],
+            "outputs": [{"name": n, "dtype": "float32", "shape": ["B", 2, 1024, 77]}
+                        for n in outputs or ["P"]]}},
         "files": {},
     }  # fmt: skip
     (root / "manifest.json").write_text(json.dumps(manifest))
@@ -224,16 +261,31 @@ def test_plan_builds_on_a_fake_export(tmp_path: Path) -> None:
     assert len(job.onnx_sha256) == 64
     dyn = job.profiles[1].shapes["S"]  # tiny dynamic-128-384: batch 1-2-4, other dims static
     assert (dyn.min, dyn.opt, dyn.max) == ((1, 2, 1024, 77), (2, 2, 1024, 77), (4, 2, 1024, 77))
-    (job2,) = plan_builds(
-        export, manifest, recipe, workspace_gib=0.5, opt_level=5, timing_cache=tmp_path / "tc"
-    )
+    assert job.custom_nodes == 1 and job.outputs is None  # every output kept by default
+    options = BuildOptions(workspace_gib=0.5, opt_level=5, timing_cache=tmp_path / "tc")
+    (job2,) = plan_builds(export, manifest, recipe, options)
     assert (job2.workspace_bytes, job2.opt_level, job2.timing_cache) == (
         1 << 29,
         5,
         tmp_path / "tc",
     )
     with pytest.raises(UserError, match="unknown component"):
-        plan_builds(export, manifest, recipe, components=["vae_decoder"])
+        plan_builds(export, manifest, recipe, BuildOptions(components=["vae_decoder"]))
+
+
+def test_plan_keeps_only_the_outputs_asked_for(tmp_path: Path) -> None:
+    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest
+    from maskattn_deploy.export.recipe import resolve_recipe
+
+    export = _fake_export(tmp_path / "exp", outputs=["P", "P_debug"])
+    manifest = read_export_manifest(export)
+    recipe = resolve_recipe(None, manifest["recipe"])
+    (job,) = plan_builds(export, manifest, recipe, BuildOptions(outputs={"unet": ["P"]}))
+    assert job.outputs == ("P",) and job.options["outputs"] == ["P"]
+    with pytest.raises(UserError, match="must be some of P, P_debug, got hidden"):
+        plan_builds(export, manifest, recipe, BuildOptions(outputs={"unet": ["hidden"]}))
+    with pytest.raises(UserError, match="unknown component"):
+        plan_builds(export, manifest, recipe, BuildOptions(outputs={"text_encoder": ["x"]}))
 
 
 def test_not_an_export_folder(tmp_path: Path) -> None:
@@ -241,6 +293,89 @@ def test_not_an_export_folder(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match="maskattn-deploy export"):
         read_export_manifest(tmp_path)
+
+
+# ---------------------------------------------------------------- network checks (no TensorRT)
+
+
+def test_every_custom_node_must_become_a_plugin_layer(tmp_path: Path) -> None:
+    from maskattn_deploy.engine.network import check_plugin_layers, custom_node_count
+    from maskattn_deploy.errors import ExportError
+
+    _masked_softmax_onnx(tmp_path / "m.onnx")
+    assert custom_node_count(tmp_path / "m.onnx") == 1
+    check_plugin_layers(1, 1, tmp_path / "m.onnx")
+    # The parser imported a node through its ONNX function: same numbers, no kernel.
+    with pytest.raises(ExportError, match=r"made 0 .* from the 1 custom nodes.*fell back"):
+        check_plugin_layers(0, 1, tmp_path / "m.onnx")
+
+
+def test_kernel_record_names_triton_tiling_and_ptx_isa() -> None:
+    import triton
+    from maskattn_deploy.plugins.trt_plugin import ptx_version_for_driver
+
+    from maskattn_deploy.engine.builder import kernel_record
+    from maskattn_deploy.engine.cuda_check import CudaStatus
+
+    cuda = CudaStatus(1, "GPU", (9, 0), (12, 9))
+    record = kernel_record(None, 77, cuda)
+    assert record["triton_version"] == triton.__version__
+    assert (record["block_t"], record["tiling"], record["tiling_source"]) == (
+        128,
+        [4, 1, 1],
+        "default",
+    )
+    assert record["ptx_isa"] == ptx_version_for_driver((12, 9), 90) <= 88  # driver 12.9 -> 8.8
+    explicit = kernel_record((8, 2, 1), 77, cuda)
+    assert (explicit["tiling"], explicit["tiling_source"]) == ([8, 2, 1], "explicit")
+
+
+def test_the_plugin_keeps_the_tiling_it_was_defined_with(monkeypatch) -> None:
+    from maskattn_deploy.plugins import trt_plugin
+    from maskattn_deploy.plugins.masked_softmax_triton import Tiling
+
+    # As after a first register_plugin((4, 1, 1)) in this process (TensorRT's registry is global).
+    monkeypatch.setitem(trt_plugin._registered, "tiling", Tiling(4, 1, 1))
+    assert trt_plugin.register_plugin((4, 1, 1)) is True
+    with pytest.raises(UserError, match=r"already defined .* tiling \(8, 2, 1\) in a new process"):
+        trt_plugin.register_plugin((8, 2, 1))
+    with pytest.raises(UserError, match="kernel tiling"):
+        trt_plugin.register_plugin((3, 1, 1))
+
+
+class _TimingCacheConfig:
+    """Stands in for the two IBuilderConfig calls whose results use_timing_cache acts on: a
+    cache made from ``refused`` bytes is rejected (False), corrupt bytes give no cache (None)."""
+
+    def __init__(self, refused: bytes) -> None:
+        self.refused, self.attached = refused, None
+
+    def create_timing_cache(self, data: bytes) -> object | None:
+        return None if data == b"corrupt" else ("cache", data)
+
+    def set_timing_cache(self, cache: object, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False  # a foreign cache must be noticed, not half-used
+        if cache[1] == self.refused:
+            return False
+        self.attached = cache
+        return True
+
+
+@pytest.mark.parametrize("data", [b"from another GPU", b"corrupt"])
+def test_a_refused_timing_cache_is_replaced_by_an_empty_one(
+    data: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    from maskattn_deploy.engine.network import use_timing_cache
+
+    config = _TimingCacheConfig(refused=b"from another GPU")
+    with caplog.at_level("WARNING"):
+        use_timing_cache(config, data, Path("engines/timing.cache"))
+    assert config.attached == ("cache", b"")
+    assert "refused the timing cache engines/timing.cache" in caplog.text
+    caplog.clear()
+    good = _TimingCacheConfig(refused=b"from another GPU")
+    use_timing_cache(good, b"ours", Path("t"))
+    assert good.attached == ("cache", b"ours") and not caplog.text
 
 
 # ---------------------------------------------------------------- fail fast without TensorRT
@@ -335,7 +470,8 @@ def test_tiny_export_engine_matches_onnxruntime(tmp_path: Path) -> None:
         spec["name"]: rng.standard_normal(opt.shapes[spec["name"]].opt).astype(spec["dtype"])
         for spec in unet["inputs"]
     }
-    (engine,) = build_engines(export_dir, components=["unet"], out=tmp_path / "engines")
+    options = BuildOptions(components=["unet"], out=tmp_path / "engines")
+    (engine,) = build_engines(export_dir, options=options)
     with TrtRunner(engine, export_dir=export_dir) as runner:
         got = runner.run(feed)
     session = ort.InferenceSession(
@@ -346,3 +482,124 @@ def test_tiny_export_engine_matches_onnxruntime(tmp_path: Path) -> None:
         # fp16 engines vs fp32-accumulating ONNX Runtime CPU: loose, relative to the output scale.
         scale = float(np.abs(ref).max()) + 1e-6
         assert float(np.abs(got[name].float().cpu().numpy() - ref).max()) / scale < 2e-2, name
+
+
+def _trt_network(onnx_path: Path):
+    """(trt, network) parsed from ``onnx_path`` with the plugin registered."""
+    import tensorrt as trt
+    from maskattn_deploy.plugins.trt_plugin import register_plugin
+
+    from maskattn_deploy.engine.builder import network_flags
+
+    register_plugin()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(network_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse_from_file(str(onnx_path)), [
+        str(parser.get_error(i)) for i in range(parser.num_errors)
+    ]
+    return trt, network, (builder, parser)
+
+
+@pytest.mark.tensorrt
+@requires_tensorrt
+def test_parsed_custom_nodes_are_plugin_layers(tmp_path: Path) -> None:
+    from maskattn_deploy.engine.network import check_plugin_layers, plugin_layer_count
+    from maskattn_deploy.errors import ExportError
+    from maskattn_deploy.export.onnx_op import make_function
+
+    _masked_softmax_onnx(tmp_path / "plugin.onnx")
+    trt, network, _keep = _trt_network(tmp_path / "plugin.onnx")
+    assert plugin_layer_count(trt, network) == 1
+    # Without plugin_namespace the parser takes the model-local function: no plugin layer.
+    model = onnx.load(str(tmp_path / "plugin.onnx"))
+    node = model.graph.node[0]
+    kept = [a for a in node.attribute if a.name != "plugin_namespace"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    model.functions.append(make_function(18))
+    onnx.save(model, str(tmp_path / "function.onnx"))
+    trt, network, _keep = _trt_network(tmp_path / "function.onnx")
+    assert plugin_layer_count(trt, network) == 0
+    with pytest.raises(ExportError, match="fell back"):
+        check_plugin_layers(plugin_layer_count(trt, network), 1, tmp_path / "function.onnx")
+
+
+@pytest.mark.tensorrt
+@requires_tensorrt
+def test_runner_waits_for_inputs_made_on_the_callers_stream(tmp_path: Path) -> None:
+    """Inputs written by a busy stream must not be copied before they are written."""
+    from maskattn_deploy.engine.builder import build_engines
+    from maskattn_deploy.engine.runner import TrtRunner
+    from maskattn_deploy.ops.reference import masked_softmax_reference
+
+    export = _fake_export(tmp_path / "exp")
+    (engine,) = build_engines(export, recipe="tiny")
+    gen = torch.Generator().manual_seed(1)
+    S_host = torch.randn(2, 2, 1024, 77, generator=gen) * 3
+    G_host = torch.randn(2, 1, 1024, 77, generator=gen)
+    want = masked_softmax_reference(S_host, G_host)
+    producer = torch.cuda.Stream()
+    S = torch.zeros(S_host.shape, device="cuda")  # stale contents a racing copy would read
+    G = torch.zeros(G_host.shape, device="cuda")
+    torch.cuda.synchronize()
+    with TrtRunner(engine, export_dir=export) as runner, torch.cuda.stream(producer):
+        torch.cuda._sleep(200_000_000)  # keeps the producer busy for a while (~0.1 s)
+        S.copy_(S_host.cuda(non_blocking=False))
+        G.copy_(G_host.cuda(non_blocking=False))
+        out = runner.run({"S": S, "G": G})["P"]
+        got = (out * 1).cpu()  # used on the producer's stream right away, no host sync
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # fp32 kernel tolerance
+
+
+@pytest.mark.tensorrt
+@requires_tensorrt
+def test_one_engine_serves_every_profile(tmp_path: Path, monkeypatch) -> None:
+    """Two profiles used: the engine is deserialized once, each profile has its context."""
+    import maskattn_deploy.engine.builder as builder
+    from maskattn_deploy.ops.reference import masked_softmax_reference
+    from maskattn_deploy.runtime.trt_backend import TrtComponentRunner
+
+    export = _fake_export(tmp_path / "exp")
+    (engine,) = builder.build_engines(export, recipe="tiny")
+    loads = []
+    real = builder.load_engine_checked
+    monkeypatch.setattr(builder, "load_engine_checked", lambda *a: loads.append(a) or real(*a))
+    runner = TrtComponentRunner("unet", engine, export)
+    runner.input_names = ["S", "G"]  # the fake export's "unet" is one masked-softmax node
+    runner.activate()
+    try:
+        for batch in (2, 4, 2):  # static profile (batch 2), dynamic one (batch 4), back
+            S = torch.randn(batch, 2, 1024, 77) * 3
+            G = torch.randn(batch, 1, 1024, 77)
+            got = runner.infer({"S": S, "G": G})["P"].cpu()
+            torch.testing.assert_close(got, masked_softmax_reference(S, G), atol=1e-6, rtol=0)
+        assert len(loads) == 1
+        assert sorted(runner._runner._profiles) == [0, 1]
+    finally:
+        runner.deactivate()
+
+
+@pytest.mark.tensorrt
+@requires_tensorrt
+def test_engine_keeps_only_the_outputs_asked_for(tmp_path: Path, caplog) -> None:
+    import tensorrt as trt
+
+    from maskattn_deploy.engine.builder import build_engines, load_engine_checked
+
+    export = _fake_export(tmp_path / "exp", outputs=["P", "P_copy"])
+    model = onnx.load(str(export / "unet" / "model.onnx"))
+    model.graph.node.append(helper.make_node("Identity", ["P"], ["P_copy"]))
+    model.graph.output.append(helper.make_tensor_value_info("P_copy", TensorProto.FLOAT, None))
+    onnx.save(model, str(export / "unet" / "model.onnx"))
+    (export / "engines").mkdir()
+    (export / "engines" / "timing.cache").write_bytes(b"not a timing cache")
+    with caplog.at_level("WARNING"):
+        (engine,) = build_engines(export, "tiny", BuildOptions(outputs={"unet": ["P"]}))
+    assert "refused the timing cache" in caplog.text
+    loaded = load_engine_checked(engine, export)
+    names = [loaded.engine.get_tensor_name(i) for i in range(loaded.engine.num_io_tensors)]
+    outputs = [n for n in names if loaded.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    assert outputs == ["P"]
+    assert loaded.manifest["plugin"]["tiling_source"] == "default"

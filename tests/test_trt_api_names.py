@@ -27,7 +27,8 @@ MODULE_ROOTS = {"trt", "trtp"}
 # Variables (and self attributes) that hold TensorRT objects in the scanned files.
 OBJECT_ROOTS = {
     "builder", "network", "parser", "config", "profile", "runtime", "engine", "timing_cache",
-    "trt_logger", "params", "s", "g", "dim", "_engine", "_context",
+    "trt_logger", "params", "s", "g", "dim", "context", "layer", "core", "tensor", "cache",
+    "creator", "field",
 }  # fmt: skip
 # Names that must be found by the scan; guards against the inference silently finding nothing.
 MUST_FIND = {
@@ -38,7 +39,11 @@ MUST_FIND = {
     "build_serialized_network", "Runtime", "deserialize_cuda_engine", "create_execution_context",
     "execute_async_v3", "set_input_shape", "set_tensor_address", "register", "autotune",
     "aot_impl", "KernelLaunchParams", "SymIntExprs", "SymInt32", "AutoTuneCombination",
-    "TensorDesc", "shape_expr", "cdiv",
+    "TensorDesc", "shape_expr", "cdiv", "num_layers", "get_layer", "LayerType", "PLUGIN_V3",
+    "IPluginV3Layer", "plugin", "get_capability_interface", "PluginCapabilityType", "CORE",
+    "plugin_namespace", "plugin_name", "num_outputs", "get_output", "unmark_output",
+    "num_optimization_profiles", "set_optimization_profile_async", "get_plugin_registry",
+    "get_creator", "field_names",
 }  # fmt: skip
 # Removed in TensorRT 11 (weak typing is gone): never to be used.
 REMOVED_BUILDER_FLAGS = {"FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",

@@ -45,6 +45,12 @@ import click
     default=None,
     help="Engine folder (default: EXPORT_DIR/engines).",
 )
+@click.option(
+    "--kernel-tiling",
+    default=None,
+    metavar="ROWS,WARPS[,HEADS]",
+    help="Masked-softmax kernel tiling, e.g. the one `selftest --gpu` chose (default: the kernel's).",
+)
 def command(
     export_dir: Path,
     recipe: str | None,
@@ -53,17 +59,37 @@ def command(
     opt_level: int | None,
     timing_cache: Path | None,
     out: Path | None,
+    kernel_tiling: str | None,
 ) -> None:
     """Build TensorRT engines from an export folder."""
     from maskattn_deploy.engine.cuda_check import require_tensorrt_and_gpu
 
+    tiling = _parse_tiling(kernel_tiling) if kernel_tiling else None
     require_tensorrt_and_gpu()
-    from maskattn_deploy.engine.builder import build_engines
+    from maskattn_deploy.engine.builder import BuildOptions, build_engines
 
     names = [c.strip() for c in components.split(",") if c.strip()] if components else None
-    paths = build_engines(
-        export_dir, recipe=recipe, out=out, workspace_gib=workspace_gib, opt_level=opt_level,
-        timing_cache=timing_cache, components=names, progress=lambda msg: click.echo(msg, err=True),
+    options = BuildOptions(
+        out=out, workspace_gib=workspace_gib, opt_level=opt_level, timing_cache=timing_cache,
+        components=names, kernel_tiling=tiling,
     )  # fmt: skip
+    paths = build_engines(
+        export_dir, recipe=recipe, options=options, progress=lambda msg: click.echo(msg, err=True)
+    )
     for path in paths:
         click.echo(str(path))
+
+
+def _parse_tiling(text: str) -> tuple[int, int, int]:
+    """``"4,1"`` or ``"4,1,2"`` -> (rows, num_warps, heads); a usage error otherwise."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or min(values) < 1:
+        raise click.BadParameter(
+            f"expected ROWS,WARPS[,HEADS] with positive integers, got {text!r}",
+            param_hint="--kernel-tiling",
+        )
+    rows, warps, *heads = values
+    return rows, warps, heads[0] if heads else 1

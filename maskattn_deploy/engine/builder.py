@@ -5,10 +5,14 @@ derives optimization profiles from the export recipe, and builds one engine per 
 the current TensorRT API: strongly typed networks (FP16 engines come from an FP16 ONNX graph;
 TensorRT 11 removed the FP16/INT8/BF16/FP8 builder flags and weak typing), the ONNX parser,
 a workspace limit, the builder optimization level, and a timing cache file reused across
-builds. Each engine is written atomically with a JSON manifest beside it.
+builds. After parsing, every masked-softmax custom node must have become a layer of our plugin
+(else the build is refused), and only the outputs the runtime reads stay marked
+(:class:`BuildOptions`). Each engine is written atomically with a JSON manifest beside it that
+also records the plugin kernel (Triton version, tiling, PTX ISA).
 
 Everything before :func:`_build_serialized` is plain Python (tested on CPU). TensorRT is
-imported only after :func:`require_tensorrt_and_gpu` has seen a CUDA device.
+imported only after :func:`require_tensorrt_and_gpu` has seen a CUDA device. Loading an engine
+needs no plugin definition: the kernel's PTX is inside it.
 """
 
 from __future__ import annotations
@@ -34,19 +38,43 @@ from maskattn_deploy.engine.manifest import (
     manifest_path,
     read_engine_manifest,
 )
+from maskattn_deploy.engine.network import (
+    check_custom_nodes,
+    check_plugin_layers,
+    custom_node_count,
+    keep_outputs,
+    plugin_layer_count,
+    use_timing_cache,
+)
 from maskattn_deploy.engine.profiles import Profile, component_profiles
 from maskattn_deploy.errors import ExportError, UserError
 from maskattn_deploy.export.recipe import ExportRecipe, check_engine_settings, resolve_recipe
 from maskattn_deploy.export.spec import ENGINES_DIR, EXPORT_FORMAT, MANIFEST_NAME
-from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_VERSION
+from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
 from maskattn_deploy.utils import atomic_path, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 TIMING_CACHE_NAME = "timing.cache"
 REBUILD_HINT = "rebuild with maskattn-deploy build"
-# TensorRT runtimes must outlive the engines they deserialized.
-_RUNTIMES: list[Any] = []
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to build: everything except the export folder and the recipe (defaults: the recipe's).
+
+    ``outputs`` maps a component to the outputs its engine keeps marked (the ones the runtime
+    reads); components not named keep all. ``kernel_tiling`` is the masked-softmax kernel's
+    ``(rows, num_warps, heads)`` for every plugin layer (None: the kernel's default).
+    """
+
+    out: str | Path | None = None
+    workspace_gib: float | None = None
+    opt_level: int | None = None
+    timing_cache: str | Path | None = None
+    components: Sequence[str] | None = None
+    outputs: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    kernel_tiling: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,8 +90,13 @@ class BuildJob:
     workspace_bytes: int
     opt_level: int
     timing_cache: Path
-    uses_plugin: bool
+    custom_nodes: int  # masked-softmax custom nodes, each to become a plugin layer
+    outputs: tuple[str, ...] | None = None  # outputs to keep marked; None keeps all
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_plugin(self) -> bool:
+        return self.custom_nodes > 0
 
 
 def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
@@ -82,39 +115,46 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def onnx_uses_plugin(onnx_path: Path) -> bool:
-    """True when the graph (or a local function) holds the masked-softmax custom node."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    nodes = list(model.graph.node) + [n for f in model.functions for n in f.node]
-    return any(n.op_type == PLUGIN_NAME for n in nodes)
+def _kept_outputs(
+    name: str, info: Mapping[str, Any], options: BuildOptions
+) -> tuple[str, ...] | None:
+    """The outputs ``name``'s engine keeps (None: all), checked against the export's outputs."""
+    if name not in options.outputs:
+        return None
+    keep = tuple(options.outputs[name])
+    declared = [o["name"] for o in info.get("outputs", []) if isinstance(o, Mapping)]
+    unknown = [o for o in keep if declared and o not in declared]
+    if unknown or not keep:
+        raise UserError(
+            f"outputs to keep for {name} must be some of {', '.join(declared) or 'its outputs'}, "
+            f"got {', '.join(keep) or 'none'}"
+        )
+    return keep
 
 
 def plan_builds(
     export_dir: str | Path,
     manifest: Mapping[str, Any],
     recipe: ExportRecipe,
-    out: str | Path | None = None,
-    workspace_gib: float | None = None,
-    opt_level: int | None = None,
-    timing_cache: str | Path | None = None,
-    components: Sequence[str] | None = None,
+    options: BuildOptions | None = None,
 ) -> list[BuildJob]:
     """One :class:`BuildJob` per requested component (pure: reads files, never TensorRT)."""
+    options = options or BuildOptions()
     export_dir = Path(export_dir)
     known = manifest.get("components", {})
-    wanted = list(components) if components else list(known)
-    unknown = [c for c in wanted if c not in known]
+    wanted = list(options.components) if options.components else list(known)
+    unknown = [c for c in [*wanted, *options.outputs] if c not in known]
     if unknown:
         raise UserError(
             f"unknown component(s) {', '.join(unknown)}; this export has {', '.join(known)}"
         )
-    workspace = float(workspace_gib if workspace_gib is not None else recipe.engine.workspace_gib)
-    level = int(opt_level if opt_level is not None else recipe.engine.builder_optimization_level)
+    workspace = options.workspace_gib
+    workspace = float(workspace if workspace is not None else recipe.engine.workspace_gib)
+    level = options.opt_level
+    level = int(level if level is not None else recipe.engine.builder_optimization_level)
     check_engine_settings(workspace, level)
-    out_dir = Path(out) if out is not None else export_dir / ENGINES_DIR
-    cache = Path(timing_cache) if timing_cache is not None else out_dir / TIMING_CACHE_NAME
+    out_dir = Path(options.out) if options.out is not None else export_dir / ENGINES_DIR
+    cache = Path(options.timing_cache or out_dir / TIMING_CACHE_NAME)
     files = manifest.get("files", {})
     jobs = []
     for name in wanted:
@@ -123,6 +163,7 @@ def plan_builds(
         onnx_path = export_dir / rel
         if not onnx_path.is_file():
             raise UserError(f"{onnx_path} is missing; re-run maskattn-deploy export")
+        outputs = _kept_outputs(name, info, options)
         jobs.append(
             BuildJob(
                 component=name,
@@ -134,9 +175,11 @@ def plan_builds(
                 workspace_bytes=int(workspace * (1 << 30)),
                 opt_level=level,
                 timing_cache=cache,
-                uses_plugin=onnx_uses_plugin(onnx_path),
+                custom_nodes=custom_node_count(onnx_path),
+                outputs=outputs,
                 options={"workspace_gib": workspace, "builder_optimization_level": level,
-                         "recipe": recipe.name, "precision": manifest.get("precision")},
+                         "recipe": recipe.name, "precision": manifest.get("precision"),
+                         "outputs": list(outputs) if outputs else None},
             )
         )  # fmt: skip
     return jobs
@@ -158,17 +201,27 @@ def _build_serialized(
     trt: Any, trt_logger: Any, job: BuildJob, cache_data: bytes
 ) -> tuple[bytes, bytes]:
     """Parse, configure and build one engine; returns (engine bytes, timing cache bytes)."""
+    if job.uses_plugin:
+        creator = trt.get_plugin_registry().get_creator(
+            PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE
+        )
+        if creator is None:
+            raise ExportError(
+                f"the {PLUGIN_ID} plugin is not registered; cannot build {job.component}"
+            )
+        check_custom_nodes(job.onnx_path, creator)
     builder = trt.Builder(trt_logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(job.onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT could not parse {job.onnx_path}: {errors}")
+    check_plugin_layers(plugin_layer_count(trt, network), job.custom_nodes, job.onnx_path)
+    keep_outputs(network, job.outputs, job.component)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, job.workspace_bytes)
     config.builder_optimization_level = job.opt_level
-    timing_cache = config.create_timing_cache(cache_data)
-    config.set_timing_cache(timing_cache, False)
+    use_timing_cache(config, cache_data, job.timing_cache)
     network_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     for prof in job.profiles:
         profile = builder.create_optimization_profile()
@@ -189,34 +242,54 @@ def _save_timing_cache(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def kernel_record(
+    tiling: tuple[int, int, int] | None, text_tokens: int, cuda: Any
+) -> dict[str, Any]:
+    """What the engine manifest says about the plugin kernel compiled into an engine."""
+    import triton
+
+    from maskattn_deploy.plugins.masked_softmax_triton import check_tiling, launch_config, padded_t
+    from maskattn_deploy.plugins.trt_plugin import ptx_version_for_driver
+
+    block_t = padded_t(text_tokens)
+    return {
+        "id": PLUGIN_ID,
+        "version": PLUGIN_VERSION,
+        "triton_version": triton.__version__,
+        "block_t": block_t,
+        "tiling": list(check_tiling(tiling) if tiling is not None else launch_config(block_t)),
+        "tiling_source": "explicit" if tiling is not None else "default",
+        "ptx_isa": ptx_version_for_driver(cuda.driver_version, cuda.sm),
+    }
+
+
 def build_engines(
     export_dir: str | Path,
     recipe: str | Path | Mapping[str, Any] | None = None,
-    out: str | Path | None = None,
-    workspace_gib: float | None = None,
-    opt_level: int | None = None,
-    timing_cache: str | Path | None = None,
-    components: Sequence[str] | None = None,
+    options: BuildOptions | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Build an engine per component of the export; returns the engine paths written."""
+    options = options or BuildOptions()
     cuda = require_tensorrt_and_gpu()
     manifest = read_export_manifest(export_dir)
     recipe_obj = resolve_recipe(recipe, manifest.get("recipe"))
-    jobs = plan_builds(
-        export_dir, manifest, recipe_obj, out, workspace_gib, opt_level, timing_cache, components
-    )
+    jobs = plan_builds(export_dir, manifest, recipe_obj, options)
+    plugin = None
     if any(j.uses_plugin for j in jobs):
         from maskattn_deploy._lazy import require
 
         require("triton", "compiling the masked-softmax TensorRT plugin")
+        from maskattn_deploy.plugins.trt_plugin import register_plugin
+
+        register_plugin(options.kernel_tiling)
+        plugin = kernel_record(options.kernel_tiling, recipe_obj.shapes.text_tokens, cuda)
     import tensorrt as trt
 
-    from maskattn_deploy.plugins.trt_plugin import register_plugin
-
-    register_plugin()
     trt_logger = _trt_logger(trt)
-    env = current_environment(trt.__version__, cuda.name, cuda.compute_capability)
+    env = current_environment(
+        trt.__version__, cuda.name, cuda.compute_capability, cuda.driver_version
+    )
     say = progress or logger.info
     written = []
     for i, job in enumerate(jobs, 1):
@@ -230,10 +303,10 @@ def build_engines(
         _save_timing_cache(job.timing_cache, cache_bytes)
         with atomic_path(job.engine_path) as tmp:
             tmp.write_bytes(engine_bytes)
-        plugin = {"id": PLUGIN_ID, "version": PLUGIN_VERSION} if job.uses_plugin else None
         engine_manifest = make_engine_manifest(
             job.component, env, job.onnx_relpath, job.onnx_sha256,
-            [p.as_dict() for p in job.profiles], plugin, seconds, job.options,
+            [p.as_dict() for p in job.profiles], plugin if job.uses_plugin else None, seconds,
+            job.options,
         )  # fmt: skip
         write_json_atomic(manifest_path(job.engine_path), engine_manifest)
         say(
@@ -278,8 +351,28 @@ def _export_onnx_hash(
     return sha256_file(folder / rel) if (folder / rel).is_file() else None
 
 
-def load_engine_checked(engine_path: str | Path, export_dir: str | Path | None = None) -> Any:
-    """Deserialize an engine after checking its manifest against this machine and the export."""
+@dataclass
+class LoadedEngine:
+    """A deserialized engine with the runtime that must outlive it, and its manifest."""
+
+    engine: Any
+    runtime: Any
+    manifest: dict[str, Any]
+
+    def release(self) -> None:
+        """Drop the engine before its runtime (TensorRT's required order)."""
+        self.engine = None
+        self.runtime = None
+
+
+def load_engine_checked(
+    engine_path: str | Path, export_dir: str | Path | None = None
+) -> LoadedEngine:
+    """Deserialize an engine after checking its manifest against this machine and the export.
+
+    The masked-softmax kernel is compiled into the engine, so no plugin definition (and no
+    Triton) is needed here.
+    """
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise UserError(f"{engine_path} does not exist; {REBUILD_HINT} EXPORT_DIR")
@@ -288,25 +381,44 @@ def load_engine_checked(engine_path: str | Path, export_dir: str | Path | None =
     import tensorrt as trt
 
     folder = Path(export_dir) if export_dir is not None else None
-    env = current_environment(trt.__version__, cuda.name, cuda.compute_capability)
+    env = current_environment(
+        trt.__version__, cuda.name, cuda.compute_capability, cuda.driver_version
+    )
     check_engine_manifest(
         manifest,
         env,
         _export_onnx_hash(engine_path, manifest, folder),
         folder or engine_path.parent.parent,
     )
-    if manifest.get("plugin"):
-        from maskattn_deploy.plugins.trt_plugin import register_plugin
-
-        register_plugin()
+    _note_other_triton(manifest)
     runtime = trt.Runtime(_trt_logger(trt))
-    _RUNTIMES.append(runtime)
     engine = runtime.deserialize_cuda_engine(engine_path.read_bytes())
     if engine is None:
         raise UserError(
             f"TensorRT could not load {engine_path}; {REBUILD_HINT} {engine_path.parent.parent}"
         )
-    return engine
+    return LoadedEngine(engine, runtime, manifest)
+
+
+def _note_other_triton(manifest: Mapping[str, Any]) -> None:
+    """Log (never refuse) when the engine's kernel came from another Triton than the installed."""
+    built = (manifest.get("plugin") or {}).get("triton_version")
+    if not built:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        here = version("triton")
+    except PackageNotFoundError:
+        here = None
+    if here != built:
+        logger.info(
+            "%s: its kernel was compiled by Triton %s (installed: %s); the kernel is inside "
+            "the engine, a rebuild would compile it with the installed one",
+            manifest.get("component", "engine"),
+            built,
+            here or "none",
+        )
 
 
 def gpu_summary() -> str:

@@ -4,6 +4,14 @@ A TensorRT engine only runs on the TensorRT version and GPU it was built for, an
 something for the ONNX file it came from. Each ``engines/<component>.engine`` has a JSON
 manifest beside it (``<component>.json``); :func:`check_engine_manifest` compares it with the
 current machine and the export folder, as a pure function so it is tested without TensorRT.
+
+An engine with the masked-softmax plugin also records its kernel (``plugin``): the Triton
+version and tiling it was compiled with, the padded row length and the PTX ISA. The driver
+JIT-compiles that PTX when the engine loads, so a driver too old for the ISA is refused. The
+Triton version is informational: the kernel is inside the engine, so another Triton (or none)
+at run time changes nothing; a rebuild would compile the kernel anew. Engines of format 1 were
+built before the kernel's PTX matched TensorRT's launch (it declared two extra parameters) and
+are refused with a request to rebuild.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from maskattn_deploy.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-ENGINE_FORMAT = "maskattn-deploy-engine/1"
+ENGINE_FORMAT = "maskattn-deploy-engine/2"
 ENGINE_SUFFIX = ".engine"
 MANIFEST_SUFFIX = ".json"
 
@@ -33,14 +41,37 @@ def manifest_path(engine_path: str | Path) -> Path:
 
 
 def current_environment(
-    tensorrt_version: str, gpu_name: str, compute_capability: tuple[int, int]
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: tuple[int, int],
+    driver_version: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
     """The facts an engine depends on, in the manifest's vocabulary."""
     return {
         "tensorrt_version": tensorrt_version,
         "gpu_name": gpu_name,
         "compute_capability": f"{compute_capability[0]}.{compute_capability[1]}",
+        "cuda_driver": f"{driver_version[0]}.{driver_version[1]}",
     }
+
+
+def driver_ptx_isa(cuda_driver: str) -> int | None:
+    """Newest PTX ISA a CUDA driver ``"major.minor"`` JIT-compiles (NVIDIA's PTX ISA table).
+
+    12.0-12.5 -> 8.0-8.5, 12.6 -> 8.5, 12.7 -> 8.6, 12.8 -> 8.7, 12.9 -> 8.8, 13.x -> 9.x;
+    None for an unknown driver ("0.0").
+    """
+    try:
+        major, minor = (int(part) for part in cuda_driver.split("."))
+    except (AttributeError, ValueError):
+        return None
+    if major >= 13:
+        return 90 + (major - 13) * 10 + minor
+    if major == 12:
+        return 80 + minor - (1 if minor >= 6 else 0)
+    if major == 11:
+        return 70 + minor
+    return None
 
 
 def make_engine_manifest(
@@ -49,7 +80,7 @@ def make_engine_manifest(
     onnx_path: str,
     onnx_sha256: str,
     profiles: list[dict[str, Any]],
-    plugin: Mapping[str, str] | None,
+    plugin: Mapping[str, Any] | None,
     build_seconds: float,
     options: Mapping[str, Any],
 ) -> dict[str, Any]:
@@ -83,6 +114,7 @@ def engine_mismatches(
         built, here = manifest.get(key), current.get(key)
         if built != here:
             problems.append(f"built for {what} {built}, this machine has {here}")
+    problems += _kernel_problems(manifest.get("plugin"), current.get("cuda_driver", "0.0"))
     if onnx_sha256 is not None:
         built_hash = (manifest.get("onnx") or {}).get("sha256")
         if built_hash != onnx_sha256:
@@ -91,6 +123,21 @@ def engine_mismatches(
                 f"{onnx_sha256[:12]}...)"
             )
     return problems
+
+
+def _kernel_problems(plugin: Mapping[str, Any] | None, cuda_driver: str) -> list[str]:
+    """Why the plugin kernel inside an engine cannot run under this driver (empty: it can)."""
+    if not plugin:
+        return []
+    needed, here = plugin.get("ptx_isa"), driver_ptx_isa(cuda_driver)
+    if not isinstance(needed, int):
+        return ["its plugin kernel is not recorded"]
+    if here is not None and needed > here:
+        return [
+            f"its plugin kernel is PTX ISA {needed // 10}.{needed % 10}, which this CUDA driver "
+            f"{cuda_driver} cannot compile (update the driver)"
+        ]
+    return []
 
 
 def check_engine_manifest(

@@ -1,9 +1,10 @@
 """The ``tensorrt`` backend: engines in ``EXPORT_DIR/engines`` through :class:`TrtRunner`.
 
 Each engine may hold several optimization profiles (one per recipe profile, e.g. a static
-256x256 profile and a dynamic range). A component keeps one runner per profile it has used;
-the first profile whose ranges contain the feed's shapes is chosen. TrtRunner owns the device
-buffers (allocated once per shape set), one CUDA stream and the optional CUDA-graph replay.
+256x256 profile and a dynamic range). A component deserializes its engine once and its
+TrtRunner keeps one execution context per profile used; the first profile whose ranges contain
+the feed's shapes is chosen. TrtRunner owns the device buffers (allocated once per shape set),
+its CUDA stream (ordered against the caller's) and the optional CUDA-graph replay.
 
 Components without an engine (for example when only the UNet was built) run through ONNX
 Runtime on the same export, with a log line saying so. TensorRT is never imported before
@@ -63,7 +64,7 @@ def choose_profile(
 
 
 class TrtComponentRunner(ComponentRunner):
-    """One engine file; one :class:`TrtRunner` per optimization profile used."""
+    """One engine file, deserialized once; one execution context per optimization profile used."""
 
     def __init__(
         self,
@@ -77,7 +78,7 @@ class TrtComponentRunner(ComponentRunner):
         self.export_dir = export_dir
         self.cuda_graph = cuda_graph
         self._profiles: list[dict[str, Any]] = []
-        self._runners: dict[int, Any] = {}
+        self._runner: Any = None
 
     def describe(self) -> str:
         graph = " + CUDA graph" if self.cuda_graph else ""
@@ -85,36 +86,28 @@ class TrtComponentRunner(ComponentRunner):
 
     def _activate(self) -> None:
         from maskattn_deploy.engine.cuda_check import require_tensorrt_and_gpu
-        from maskattn_deploy.engine.manifest import read_engine_manifest
-
-        require_tensorrt_and_gpu()
-        self._profiles = list(read_engine_manifest(self.engine_path).get("profiles") or [])
-        self._runner(0)  # load and check the engine now, not in the middle of the first step
-
-    def _runner(self, index: int) -> Any:
         from maskattn_deploy.engine.runner import TrtRunner
 
-        if index not in self._runners:
-            runner = TrtRunner(
-                self.engine_path,
-                export_dir=self.export_dir,
-                profile_index=index,
-                cuda_graph=self.cuda_graph and self.component == "unet",
-            )
-            self._runners[index] = runner.activate()
-        return self._runners[index]
+        require_tensorrt_and_gpu()
+        runner = TrtRunner(
+            self.engine_path,
+            export_dir=self.export_dir,
+            cuda_graph=self.cuda_graph and self.component == "unet",
+        )
+        self._runner = runner.activate()  # load and check now, not in the first step
+        self._profiles = list(self._runner.manifest.get("profiles") or [])
 
     def _deactivate(self) -> None:
-        for runner in self._runners.values():
-            runner.deactivate()
-        self._runners = {}
+        if self._runner is not None:
+            self._runner.deactivate()
+        self._runner = None
 
     def _infer(self, feed: Feed) -> dict[str, torch.Tensor]:
         # TrtRunner copies each input into its own device buffer with the engine's dtype
         # (Tensor.copy_ casts), so fp32 host latents feed an fp16 engine without extra work.
         tensors = {name: as_tensor(value) for name, value in feed.items()}
         index = choose_profile(self._profiles, {k: tuple(v.shape) for k, v in tensors.items()})
-        return self._runner(index).run(tensors)
+        return self._runner.run(tensors, profile=index)
 
 
 def engine_path(export_dir: Path, component: str) -> Path:
