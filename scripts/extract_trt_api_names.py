@@ -47,7 +47,9 @@ def download(package: str, version: str, dest: Path) -> Path:
         "--python-version", "3.11", "--platform", "manylinux_2_28_x86_64",
         f"{package}=={version}", "-d", str(dest), "-q",
     ]  # fmt: skip
-    subprocess.run(cmd, check=True)
+    subprocess.run(
+        cmd, check=True, capture_output=True, text=True
+    )  # the error carries pip's output
     return next(dest.glob(f"{package.replace('-', '_')}-{version}*.whl"))
 
 

@@ -325,6 +325,29 @@ def test_fp16_graph_types(fp16_export) -> None:
             assert gate or time or resize, init.name
 
 
+def test_fp16_unet_custom_nodes_dispatch_to_the_tensorrt_plugin(fp16_export) -> None:
+    """Each custom node carries what TensorRT's ONNX parser needs to import it as the AOT plugin
+    (the creator's fields as NVIDIA's tensorrt.plugin registers them, see tests/_qdp.py), and
+    its logits/gate dtypes are a combination the plugin implements."""
+    from _qdp import creator_fields
+    from maskattn_deploy.plugins.trt_plugin import TYPE_COMBINATIONS
+
+    from maskattn_deploy.engine.network import custom_node_problems, onnx_custom_nodes
+
+    out, _ = fp16_export
+    path = out / "unet" / "model.onnx"
+    nodes = onnx_custom_nodes(path)
+    assert len(nodes) == 10  # one per gated layer of the tiny UNet
+    assert custom_node_problems(nodes, creator_fields()) == []
+    inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    names = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16"}
+    implemented = {(s, g) for _, s, g in TYPE_COMBINATIONS}
+    for node in nodes:
+        pair = tuple(names.get(types.get(name), types.get(name)) for name in node.input)
+        assert pair in implemented, (node.name, pair)
+
+
 def test_fp32_island_check_catches_a_stray_fp32_tensor(fp16_export) -> None:
     out, _ = fp16_export
     model = onnx.load(str(out / "text_encoder" / "model.onnx"), load_external_data=False)
