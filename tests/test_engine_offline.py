@@ -261,7 +261,9 @@ def test_plan_builds_on_a_fake_export(tmp_path: Path) -> None:
     assert len(job.onnx_sha256) == 64
     dyn = job.profiles[1].shapes["S"]  # tiny dynamic-128-384: batch 1-2-4, other dims static
     assert (dyn.min, dyn.opt, dyn.max) == ((1, 2, 1024, 77), (2, 2, 1024, 77), (4, 2, 1024, 77))
-    assert job.custom_nodes == 1 and job.outputs is None  # every output kept by default
+    assert (
+        job.custom_nodes == {PLUGIN_NAME: 1} and job.outputs is None
+    )  # every output kept by default
     options = BuildOptions(workspace_gib=0.5, opt_level=5, timing_cache=tmp_path / "tc")
     (job2,) = plan_builds(export, manifest, recipe, options)
     assert (job2.workspace_bytes, job2.opt_level, job2.timing_cache) == (
@@ -299,15 +301,20 @@ def test_not_an_export_folder(tmp_path: Path) -> None:
 
 
 def test_every_custom_node_must_become_a_plugin_layer(tmp_path: Path) -> None:
-    from maskattn_deploy.engine.network import check_plugin_layers, custom_node_count
+    from maskattn_deploy.engine.network import check_plugin_layers, custom_node_counts
     from maskattn_deploy.errors import ExportError
 
     _masked_softmax_onnx(tmp_path / "m.onnx")
-    assert custom_node_count(tmp_path / "m.onnx") == 1
-    check_plugin_layers(1, 1, tmp_path / "m.onnx")
+    assert custom_node_counts(tmp_path / "m.onnx") == {PLUGIN_NAME: 1}
+    check_plugin_layers({PLUGIN_NAME: 1}, {PLUGIN_NAME: 1}, tmp_path / "m.onnx")
     # The parser imported a node through its ONNX function: same numbers, no kernel.
-    with pytest.raises(ExportError, match=r"made 0 .* from the 1 custom nodes.*fell back"):
-        check_plugin_layers(0, 1, tmp_path / "m.onnx")
+    with pytest.raises(
+        ExportError, match=r"made 0 maskattn::MaskedSoftmax .* from the 1 .*fell back"
+    ):
+        check_plugin_layers({}, {PLUGIN_NAME: 1}, tmp_path / "m.onnx")
+    # Each node type needs its own plugin: layers of another plugin do not count.
+    with pytest.raises(ExportError, match="MaskedCrossAttention"):
+        check_plugin_layers({PLUGIN_NAME: 1}, {PLUGIN_NAME: 1, "MaskedCrossAttention": 2}, tmp_path)
 
 
 def test_kernel_record_names_triton_tiling_and_ptx_isa() -> None:
@@ -505,13 +512,13 @@ def _trt_network(onnx_path: Path):
 @pytest.mark.tensorrt
 @requires_tensorrt
 def test_parsed_custom_nodes_are_plugin_layers(tmp_path: Path) -> None:
-    from maskattn_deploy.engine.network import check_plugin_layers, plugin_layer_count
+    from maskattn_deploy.engine.network import check_plugin_layers, plugin_layer_counts
     from maskattn_deploy.errors import ExportError
     from maskattn_deploy.export.onnx_op import make_function
 
     _masked_softmax_onnx(tmp_path / "plugin.onnx")
     trt, network, _keep = _trt_network(tmp_path / "plugin.onnx")
-    assert plugin_layer_count(trt, network) == 1
+    assert plugin_layer_counts(trt, network) == {PLUGIN_NAME: 1}
     # Without plugin_namespace the parser takes the model-local function: no plugin layer.
     model = onnx.load(str(tmp_path / "plugin.onnx"))
     node = model.graph.node[0]
@@ -521,9 +528,9 @@ def test_parsed_custom_nodes_are_plugin_layers(tmp_path: Path) -> None:
     model.functions.append(make_function(18))
     onnx.save(model, str(tmp_path / "function.onnx"))
     trt, network, _keep = _trt_network(tmp_path / "function.onnx")
-    assert plugin_layer_count(trt, network) == 0
+    assert plugin_layer_counts(trt, network) == {}
     with pytest.raises(ExportError, match="fell back"):
-        check_plugin_layers(plugin_layer_count(trt, network), 1, tmp_path / "function.onnx")
+        check_plugin_layers(plugin_layer_counts(trt, network), {PLUGIN_NAME: 1}, tmp_path)
 
 
 @pytest.mark.tensorrt

@@ -333,12 +333,13 @@ def test_fp16_unet_custom_nodes_dispatch_to_the_tensorrt_plugin(fp16_export) -> 
     from maskattn_deploy.plugins.trt_plugin import TYPE_COMBINATIONS
 
     from maskattn_deploy.engine.network import custom_node_problems, onnx_custom_nodes
+    from maskattn_deploy.ops.contract import PLUGIN_NAME
 
     out, _ = fp16_export
     path = out / "unet" / "model.onnx"
     nodes = onnx_custom_nodes(path)
     assert len(nodes) == 10  # one per gated layer of the tiny UNet
-    assert custom_node_problems(nodes, creator_fields()) == []
+    assert custom_node_problems(nodes, {PLUGIN_NAME: creator_fields()}) == []
     inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     names = {TensorProto.FLOAT: "fp32", TensorProto.FLOAT16: "fp16"}

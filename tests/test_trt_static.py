@@ -267,7 +267,9 @@ def creator(probes) -> list[tuple[str, str]]:
 
 
 def test_parser_dispatches_the_exported_node_to_the_plugin(creator) -> None:
-    assert custom_node_problems([exported_node()], creator) == []
+    assert custom_node_problems([exported_node()], {PLUGIN_NAME: creator}) == []
+    # A node type with no registered plugin would silently take its ONNX function.
+    assert "no TensorRT plugin" in custom_node_problems([exported_node()], {PLUGIN_NAME: None})[0]
 
 
 @pytest.mark.parametrize(
@@ -278,7 +280,7 @@ def test_parser_dispatches_the_exported_node_to_the_plugin(creator) -> None:
         ({"aot": "1"}, "aot is ('STRING', b'1')"),
         ({"aot": 0}, "aot is ('INT', 0)"),
         ({"threshold": 1}, "threshold (FLOAT32) needs a FLOAT attribute, found INT"),
-        ({"domain": "other"}, "op other::MaskedSoftmax"),
+        ({"domain": "other"}, "no TensorRT plugin other::MaskedSoftmax"),
     ],
 )
 def test_parser_dispatch_check_names_what_is_wrong(creator, change: dict, needle: str) -> None:
@@ -292,7 +294,7 @@ def test_parser_dispatch_check_names_what_is_wrong(creator, change: dict, needle
         node.attribute.extend(kept)
         if value is not None:
             node.attribute.append(helper.make_attribute(key, value))
-    problems = custom_node_problems([node], creator)
+    problems = custom_node_problems([node], {PLUGIN_NAME: creator})
     assert any(needle in p for p in problems), problems
 
 

@@ -41,16 +41,16 @@ from maskattn_deploy.engine.manifest import (
 from maskattn_deploy.engine.network import (
     check_custom_nodes,
     check_plugin_layers,
-    custom_node_count,
+    custom_node_counts,
     keep_outputs,
-    plugin_layer_count,
+    plugin_layer_counts,
     use_timing_cache,
 )
 from maskattn_deploy.engine.profiles import Profile, component_profiles
 from maskattn_deploy.errors import ExportError, UserError
 from maskattn_deploy.export.recipe import ExportRecipe, check_engine_settings, resolve_recipe
 from maskattn_deploy.export.spec import ENGINES_DIR, EXPORT_FORMAT, MANIFEST_NAME
-from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_VERSION
 from maskattn_deploy.utils import atomic_path, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -90,13 +90,13 @@ class BuildJob:
     workspace_bytes: int
     opt_level: int
     timing_cache: Path
-    custom_nodes: int  # masked-softmax custom nodes, each to become a plugin layer
+    custom_nodes: dict[str, int]  # custom nodes per op type, each to become a plugin layer
     outputs: tuple[str, ...] | None = None  # outputs to keep marked; None keeps all
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def uses_plugin(self) -> bool:
-        return self.custom_nodes > 0
+        return any(self.custom_nodes.values())
 
 
 def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def plan_builds(
                 workspace_bytes=int(workspace * (1 << 30)),
                 opt_level=level,
                 timing_cache=cache,
-                custom_nodes=custom_node_count(onnx_path),
+                custom_nodes=custom_node_counts(onnx_path),
                 outputs=outputs,
                 options={"workspace_gib": workspace, "builder_optimization_level": level,
                          "recipe": recipe.name, "precision": manifest.get("precision"),
@@ -202,21 +202,14 @@ def _build_serialized(
 ) -> tuple[bytes, bytes]:
     """Parse, configure and build one engine; returns (engine bytes, timing cache bytes)."""
     if job.uses_plugin:
-        creator = trt.get_plugin_registry().get_creator(
-            PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE
-        )
-        if creator is None:
-            raise ExportError(
-                f"the {PLUGIN_ID} plugin is not registered; cannot build {job.component}"
-            )
-        check_custom_nodes(job.onnx_path, creator)
+        check_custom_nodes(trt, job.onnx_path)
     builder = trt.Builder(trt_logger)
     network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, trt_logger)
     if not parser.parse_from_file(str(job.onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT could not parse {job.onnx_path}: {errors}")
-    check_plugin_layers(plugin_layer_count(trt, network), job.custom_nodes, job.onnx_path)
+    check_plugin_layers(plugin_layer_counts(trt, network), job.custom_nodes, job.onnx_path)
     keep_outputs(network, job.outputs, job.component)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, job.workspace_bytes)
@@ -305,7 +298,8 @@ def build_engines(
             tmp.write_bytes(engine_bytes)
         engine_manifest = make_engine_manifest(
             job.component, env, job.onnx_relpath, job.onnx_sha256,
-            [p.as_dict() for p in job.profiles], plugin if job.uses_plugin else None, seconds,
+            [p.as_dict() for p in job.profiles],
+            plugin if job.custom_nodes.get(PLUGIN_NAME) else None, seconds,
             job.options,
         )  # fmt: skip
         write_json_atomic(manifest_path(job.engine_path), engine_manifest)
