@@ -290,6 +290,43 @@ def test_plan_keeps_only_the_outputs_asked_for(tmp_path: Path) -> None:
         plan_builds(export, manifest, recipe, BuildOptions(outputs={"text_encoder": ["x"]}))
 
 
+def test_text_encoder_engines_keep_what_the_runtime_reads(tmp_path: Path) -> None:
+    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest
+    from maskattn_deploy.export.recipe import resolve_recipe
+
+    export = _fake_export(tmp_path / "exp")
+    states = [f"hidden_states.{i}" for i in range(4)]  # Optimum's layout, 3 layers
+    node = helper.make_node("Identity", ["input_ids"], ["x"])
+    graph = helper.make_graph(
+        [node, *[helper.make_node("Identity", ["x"], [n]) for n in ["last_hidden_state", *states]]],
+        "enc", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", 77])],
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", 77]) for n in ["last_hidden_state", *states]],
+    )  # fmt: skip
+    (export / "text_encoder").mkdir()
+    onnx.save(helper.make_model(graph), str(export / "text_encoder" / "model.onnx"))
+    manifest = json.loads((export / "manifest.json").read_text())
+    manifest["components"]["text_encoder"] = {
+        "path": "text_encoder/model.onnx",
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["B", 77]}],
+        "outputs": [{"name": n, "dtype": "float32", "shape": ["B", 77, 64]}
+                    for n in ["last_hidden_state", *states]],
+    }  # fmt: skip
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    manifest = read_export_manifest(export)
+    jobs = {
+        j.component: j
+        for j in plan_builds(export, manifest, resolve_recipe(None, manifest["recipe"]))
+    }
+    assert jobs["text_encoder"].outputs == ("hidden_states.2",)  # the penultimate state only
+    assert jobs["unet"].outputs is None  # other components keep every output
+    options = BuildOptions(outputs={"text_encoder": ["last_hidden_state", "hidden_states.2"]})
+    jobs = {
+        j.component: j
+        for j in plan_builds(export, manifest, resolve_recipe(None, manifest["recipe"]), options)
+    }
+    assert jobs["text_encoder"].outputs == ("last_hidden_state", "hidden_states.2")
+
+
 def test_not_an_export_folder(tmp_path: Path) -> None:
     from maskattn_deploy.engine.builder import read_export_manifest
 

@@ -48,6 +48,7 @@ from maskattn_deploy.engine.network import (
 )
 from maskattn_deploy.engine.profiles import Profile, component_profiles
 from maskattn_deploy.errors import ExportError, UserError
+from maskattn_deploy.export.component_spec import engine_outputs
 from maskattn_deploy.export.recipe import ExportRecipe, check_engine_settings, resolve_recipe
 from maskattn_deploy.export.spec import ENGINES_DIR, EXPORT_FORMAT, MANIFEST_NAME
 from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_VERSION
@@ -64,7 +65,9 @@ class BuildOptions:
     """How to build: everything except the export folder and the recipe (defaults: the recipe's).
 
     ``outputs`` maps a component to the outputs its engine keeps marked (the ones the runtime
-    reads); components not named keep all. ``kernel_tiling`` is the masked-softmax kernel's
+    reads); components not named keep what
+    :func:`~maskattn_deploy.export.component_spec.engine_outputs` gives (text encoders: what
+    the runtime reads; the others: all). ``kernel_tiling`` is the masked-softmax kernel's
     ``(rows, num_warps, heads)`` for every plugin layer (None: the kernel's default).
     """
 
@@ -118,11 +121,15 @@ def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
 def _kept_outputs(
     name: str, info: Mapping[str, Any], options: BuildOptions
 ) -> tuple[str, ...] | None:
-    """The outputs ``name``'s engine keeps (None: all), checked against the export's outputs."""
-    if name not in options.outputs:
-        return None
-    keep = tuple(options.outputs[name])
+    """The outputs ``name``'s engine keeps (None: all), checked against the export's outputs.
+
+    Not named in ``options.outputs``: what :func:`engine_outputs` gives (a text encoder keeps
+    what the runtime reads, the other components all their outputs).
+    """
     declared = [o["name"] for o in info.get("outputs", []) if isinstance(o, Mapping)]
+    if name not in options.outputs:
+        return engine_outputs(name, declared) if declared else None
+    keep = tuple(options.outputs[name])
     unknown = [o for o in keep if declared and o not in declared]
     if unknown or not keep:
         raise UserError(
