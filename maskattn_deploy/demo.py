@@ -16,7 +16,6 @@ function as its own command.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -105,20 +104,23 @@ def _prepare_out(config: DemoConfig) -> Path:
     if out.exists() and any(out.iterdir()):
         if not config.overwrite:
             raise UserError(
-                f"{out} already exists and is not empty; pass --overwrite or another --out"
+                f"{out} already exists and is not empty; pass overwrite or another out",
+                params=("overwrite", "out"),
             )
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create {out}: {exc.strerror}; choose a writable --out") from exc
+        raise UserError(
+            f"cannot create {out}: {exc.strerror}; choose a writable out", params=("out",)
+        ) from exc
     return out
 
 
 def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
     """Run every stage and write ``OUT/report.md``; returns what was written."""
     if config.train_steps < 1 or config.steps < 1:
-        raise UserError("--train-steps and --steps must be at least 1")
+        raise UserError("train_steps and steps must be at least 1", params=("train_steps", "steps"))
     out = _prepare_out(config)
     result = DemoResult(out)
     stages = _Stages(say, result)
@@ -166,6 +168,7 @@ def _train(config: DemoConfig, result: DemoResult) -> str:
 
 def _export(result: DemoResult, say: Say) -> str:
     from maskattn_deploy.export import export_pipeline
+    from maskattn_deploy.export.folder import ExportFolder
 
     target = result.out / "export"
     # Validation is left to the parity stage, which checks the same things and more.
@@ -180,8 +183,8 @@ def _export(result: DemoResult, say: Say) -> str:
         progress=lambda line: say(f"{'':10}{line}"),
     )
     result.export_dir = target
-    manifest = json.loads((target / "manifest.json").read_text())
-    return f"{', '.join(manifest.get('components', {}))} -> {target}"
+    components = ExportFolder.open(target).manifest.components
+    return f"{', '.join(components)} -> {target}"
 
 
 def _generate(config: DemoConfig, result: DemoResult, say: Say) -> str:

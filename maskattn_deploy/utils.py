@@ -72,12 +72,15 @@ def atomic_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
     target = Path(target)
     if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite to replace it")
+        raise UserError(
+            f"{target} already exists; pass overwrite to replace it", params=("overwrite",)
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(
-            f"cannot write to {target.parent}: {exc.strerror}; choose a writable --out"
+            f"cannot write to {target.parent}: {exc.strerror}; choose a writable out",
+            params=("out",),
         ) from exc
     with output_lock(target):
         remove_stale_temps(target.parent, target.name)
@@ -216,17 +219,23 @@ def first_sentence(exc: BaseException) -> str:
     return line.split(". ")[0].rstrip(".")
 
 
-def check_output_folder(path: str | Path, flag: str = "--out") -> None:
-    """Refuse, before any work, an output folder that is a file or cannot be created/written."""
+def check_output_folder(path: str | Path, param: str = "out") -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be created/written
+    (the error names the parameter ``param``; the CLI shows its flag)."""
     from maskattn_deploy.errors import UserError
 
     path = Path(path)
+    where = (param,)
     if path.exists() and not path.is_dir():
-        raise UserError(f"{flag} {path} is a file; pass a folder")
+        raise UserError(f"{param} {path} is a file; pass a folder", params=where)
     existing = path
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, so the folder cannot be created")
+        raise UserError(
+            f"{param} {path}: {existing} is a file, so the folder cannot be created", params=where
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {existing} is not writable; choose a writable folder")
+        raise UserError(
+            f"{param} {path}: {existing} is not writable; choose a writable folder", params=where
+        )

@@ -32,7 +32,7 @@ def _result() -> BenchResult:
 
 
 def _setup() -> _Setup:
-    return _Setup("tiny", None, "fp32", torch.device("cpu"), None, {}, [ShapeCase(2, 256, 256)])
+    return _Setup("tiny", None, "fp32", torch.device("cpu"), None, None, [ShapeCase(2, 256, 256)])
 
 
 def test_targets_from_measurements() -> None:

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +27,19 @@ from maskattn_deploy.engine.builder import BuildOptions
 from maskattn_deploy.engine.cuda_check import missing_for_tensorrt
 from maskattn_deploy.engine.manifest import (
     ENGINE_FORMAT,
+    EngineManifest,
     EngineMismatchError,
     check_engine_manifest,
     current_environment,
     driver_ptx_isa,
     make_engine_manifest,
     read_engine_manifest,
+    write_engine_manifest,
 )
 from maskattn_deploy.engine.profiles import component_profiles, spec_profiles
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.component_spec import ModelDims, component_spec
+from maskattn_deploy.export.folder import ExportFolder
 from maskattn_deploy.export.recipe import ExportRecipe
 from maskattn_deploy.ops.contract import PLUGIN_NAME, PLUGIN_NAMESPACE
 from maskattn_deploy.recipes import load_recipe
@@ -130,17 +134,25 @@ KERNEL = {"id": "maskattn::MaskedSoftmax", "version": "1", "triton_version": "3.
           "block_t": 128, "tiling": [4, 1, 1], "tiling_source": "default", "ptx_isa": 87}  # fmt: skip
 
 
-def _manifest(**over) -> dict:
+def _manifest(**over) -> EngineManifest:
     base = make_engine_manifest(
         "unet", HERE, "unet/model.onnx", "a" * 64, [], KERNEL, 12.0, {"workspace_gib": 4},
     )  # fmt: skip
-    base.update(over)
-    return base
+    return replace(base, **over)
 
 
-def test_matching_engine_is_accepted() -> None:
+def test_matching_engine_is_accepted(tmp_path: Path) -> None:
     check_engine_manifest(_manifest(), HERE, onnx_sha256="a" * 64)
-    assert _manifest()["format"] == ENGINE_FORMAT
+    assert _manifest().format == ENGINE_FORMAT
+    write_engine_manifest(tmp_path / "unet.engine", _manifest())  # the JSON round trip is exact
+    assert read_engine_manifest(tmp_path / "unet.engine") == _manifest()
+    data = json.loads((tmp_path / "unet.json").read_text())
+    assert data["onnx"] == {"path": "unet/model.onnx", "sha256": "a" * 64}
+    assert data["cuda_driver"] == "12.9" and data["plugin"] == KERNEL
+    del data["gpu_name"]
+    (tmp_path / "unet.json").write_text(json.dumps(data))
+    with pytest.raises(EngineMismatchError, match="lacks 'gpu_name'; rebuild"):
+        read_engine_manifest(tmp_path / "unet.engine")
 
 
 @pytest.mark.parametrize(
@@ -186,8 +198,9 @@ def test_driver_ptx_isa_follows_nvidias_table(driver: str, isa: int | None) -> N
 
 def test_engines_without_a_kernel_record_are_refused() -> None:
     # Format 1 engines were built with a kernel whose PTX declared two extra parameters.
-    old = _manifest(format="maskattn-deploy-engine/1")
-    old["plugin"] = {"id": "maskattn::MaskedSoftmax", "version": "1"}
+    old = _manifest(
+        format="maskattn-deploy-engine/1", plugin={"id": "maskattn::MaskedSoftmax", "version": "1"}
+    )
     with pytest.raises(EngineMismatchError, match="kernel is not recorded.*rebuild"):
         check_engine_manifest(old, HERE)
     no_plugin = _manifest(plugin=None)  # components without the custom node need no kernel
@@ -233,9 +246,10 @@ def _fake_export(root: Path, outputs: list[str] | None = None) -> Path:
     """An export folder with one small 'unet' ONNX holding the plugin node."""
     _masked_softmax_onnx(root / "unet" / "model.onnx")
     recipe = load_recipe("export", "tiny")
-    manifest = {
+    manifest = {  # a version-1 manifest: the reader migrates it
         "format": "maskattn-deploy-export/1", "precision": "fp32", "opset": 18, "recipe": recipe,
-        "components": {"unet": {"path": "unet/model.onnx", "inputs": [
+        "shapes": recipe["shapes"], "model": {"spec": None, "unet_fingerprint": None},
+        "components": {"unet": {"path": "unet/model.onnx", "precision": "fp32", "inputs": [
             {"name": "S", "dtype": "float32", "shape": ["B", 2, 1024, 77]},
             {"name": "G", "dtype": "float32", "shape": ["B", 1, 1024, 77]}],
             "outputs": [{"name": n, "dtype": "float32", "shape": ["B", 2, 1024, 77]}
@@ -247,12 +261,12 @@ def _fake_export(root: Path, outputs: list[str] | None = None) -> Path:
 
 
 def test_plan_builds_on_a_fake_export(tmp_path: Path) -> None:
-    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest
+    from maskattn_deploy.engine.builder import plan_builds
     from maskattn_deploy.export.recipe import resolve_recipe
 
     export = _fake_export(tmp_path / "exp")
-    manifest = read_export_manifest(export)
-    recipe = resolve_recipe(None, manifest["recipe"])
+    manifest = ExportFolder.open(export).manifest
+    recipe = resolve_recipe(None, manifest.recipe)
     (job,) = plan_builds(export, manifest, recipe)
     assert job.engine_path == export / "engines" / "unet.engine"
     assert job.timing_cache == export / "engines" / "timing.cache"
@@ -276,12 +290,12 @@ def test_plan_builds_on_a_fake_export(tmp_path: Path) -> None:
 
 
 def test_plan_keeps_only_the_outputs_asked_for(tmp_path: Path) -> None:
-    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest
+    from maskattn_deploy.engine.builder import plan_builds
     from maskattn_deploy.export.recipe import resolve_recipe
 
     export = _fake_export(tmp_path / "exp", outputs=["P", "P_debug"])
-    manifest = read_export_manifest(export)
-    recipe = resolve_recipe(None, manifest["recipe"])
+    manifest = ExportFolder.open(export).manifest
+    recipe = resolve_recipe(None, manifest.recipe)
     (job,) = plan_builds(export, manifest, recipe, BuildOptions(outputs={"unet": ["P"]}))
     assert job.outputs == ("P",) and job.options["outputs"] == ["P"]
     with pytest.raises(UserError, match="must be some of P, P_debug, got hidden"):
@@ -291,7 +305,7 @@ def test_plan_keeps_only_the_outputs_asked_for(tmp_path: Path) -> None:
 
 
 def test_text_encoder_engines_keep_what_the_runtime_reads(tmp_path: Path) -> None:
-    from maskattn_deploy.engine.builder import plan_builds, read_export_manifest
+    from maskattn_deploy.engine.builder import plan_builds
     from maskattn_deploy.export.recipe import resolve_recipe
 
     export = _fake_export(tmp_path / "exp")
@@ -307,31 +321,24 @@ def test_text_encoder_engines_keep_what_the_runtime_reads(tmp_path: Path) -> Non
     manifest = json.loads((export / "manifest.json").read_text())
     manifest["components"]["text_encoder"] = {
         "path": "text_encoder/model.onnx",
+        "precision": "fp32",
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["B", 77]}],
         "outputs": [{"name": n, "dtype": "float32", "shape": ["B", 77, 64]}
                     for n in ["last_hidden_state", *states]],
     }  # fmt: skip
     (export / "manifest.json").write_text(json.dumps(manifest))
-    manifest = read_export_manifest(export)
+    manifest = ExportFolder.open(export).manifest
     jobs = {
-        j.component: j
-        for j in plan_builds(export, manifest, resolve_recipe(None, manifest["recipe"]))
+        j.component: j for j in plan_builds(export, manifest, resolve_recipe(None, manifest.recipe))
     }
     assert jobs["text_encoder"].outputs == ("hidden_states.2",)  # the penultimate state only
     assert jobs["unet"].outputs is None  # other components keep every output
     options = BuildOptions(outputs={"text_encoder": ["last_hidden_state", "hidden_states.2"]})
     jobs = {
         j.component: j
-        for j in plan_builds(export, manifest, resolve_recipe(None, manifest["recipe"]), options)
+        for j in plan_builds(export, manifest, resolve_recipe(None, manifest.recipe), options)
     }
     assert jobs["text_encoder"].outputs == ("last_hidden_state", "hidden_states.2")
-
-
-def test_not_an_export_folder(tmp_path: Path) -> None:
-    from maskattn_deploy.engine.builder import read_export_manifest
-
-    with pytest.raises(UserError, match="maskattn-deploy export"):
-        read_export_manifest(tmp_path)
 
 
 # ---------------------------------------------------------------- network checks (no TensorRT)
@@ -646,4 +653,4 @@ def test_engine_keeps_only_the_outputs_asked_for(tmp_path: Path, caplog) -> None
     names = [loaded.engine.get_tensor_name(i) for i in range(loaded.engine.num_io_tensors)]
     outputs = [n for n in names if loaded.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
     assert outputs == ["P"]
-    assert loaded.manifest["plugin"]["tiling_source"] == "default"
+    assert loaded.manifest.plugin["tiling_source"] == "default"

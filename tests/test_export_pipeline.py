@@ -140,7 +140,7 @@ def test_manifest_contract_and_hashes(fp32_export) -> None:
 
     out, _ = fp32_export
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format"] == "maskattn-deploy-export/1"
+    assert manifest["format"] == "maskattn-deploy-export/2"
     assert (manifest["precision"], manifest["opset"]) == ("fp32", 18)
     assert manifest["recipe"]["name"] == "tiny" and manifest["recipe"]["profiles"]
     assert list(manifest["components"]) == ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]

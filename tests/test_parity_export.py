@@ -55,12 +55,12 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory, gates_dir: Path) -> Pat
     from maskattn_deploy.models import load_pipeline
 
     unet = load_pipeline("tiny").unet
-    gates = load_gates(gates_dir, unet)
+    load_gates(gates_dir, unet)
     out = tmp_path_factory.mktemp("export") / "tiny-unet-fp32"
-    entry = {"checkpoint": str(gates_dir), "sha256": gates.checkpoint_sha256}
     export_unet(
-        unet, out, recipe="tiny", per_layer=True, validate=False, source="tiny", gates_entry=entry
-    )
+        unet, out, recipe="tiny", per_layer=True, validate=False, source="tiny",
+        gates_checkpoint=gates_dir,
+    )  # fmt: skip
     return out
 
 

@@ -127,15 +127,15 @@ def test_torch_and_onnxruntime_agree_on_the_same_seed(export_dir, tmp_path) -> N
 
 
 def test_io_binding_path_matches_plain_session(export_dir) -> None:
-    from maskattn_deploy.runtime.model_info import read_manifest
+    from maskattn_deploy.export.folder import ExportFolder
     from maskattn_deploy.runtime.ort_backend import ort_backend
 
-    manifest = read_manifest(export_dir)
+    manifest = ExportFolder.open(export_dir).manifest
     plain = ort_backend(export_dir, manifest, "cpu", ("unet",))
     bound = ort_backend(export_dir, manifest, "cpu", ("unet",), io_binding=True)
     g = torch.Generator().manual_seed(0)
-    text_width = manifest["components"]["unet"]["inputs"][2]["shape"][-1]
-    pooled_width = manifest["components"]["unet"]["inputs"][3]["shape"][-1]
+    text_width = manifest.components["unet"].inputs[2]["shape"][-1]
+    pooled_width = manifest.components["unet"].inputs[3]["shape"][-1]
     feed = {
         "sample": torch.randn(2, 4, 16, 24, generator=g),
         "timestep": torch.tensor([700.0, 700.0]),
@@ -201,7 +201,7 @@ def test_gates_that_were_not_exported(export_dir, monkeypatch, capsys) -> None:
     code, _, err = cli(
         monkeypatch, capsys, PROMPT, "--export-dir", str(export_dir), "--gates", str(other)
     )
-    assert code == 2 and "are not the gates in" in err
+    assert code == 2 and f"--gates {other} (sha256" in err and "are not the ones in" in err
     code, _, err = cli(monkeypatch, capsys, PROMPT, "--export-dir", str(export_dir), "--no-gates")
     assert code == 2 and "has gates built in" in err
 

@@ -256,7 +256,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["   "], "the prompt is empty"),
         (["x", "--height", "100"], "--height 100 must be a positive multiple of 8"),
         (["x", "--width", "0"], "--width 0 must be a positive multiple of 8"),
-        (["x", "--gates", "g", "--no-gates"], "either --gates CKPT or --no-gates"),
+        (["x", "--gates", "g", "--no-gates"], "either --gates or --no-gates"),
         (["x", "--backend", "torch", "--no-gates", "--model", "no/such-model-xyz"], "cannot load"),
     ],
 )

@@ -30,6 +30,7 @@ import torch
 from maskattn_deploy.bench.memory import MemoryPeak, PeakMemory
 from maskattn_deploy.bench.timing import PairedStats, Stats, measure, measure_interleaved
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.folder import ExportFolder, ExportManifest
 from maskattn_deploy.parity.inputs import ModelDims, ShapeCase, default_case, make_feed
 
 log = logging.getLogger(__name__)
@@ -195,47 +196,44 @@ class _Setup:
     precision: str
     device: torch.device
     export_dir: Path | None
-    manifest: dict[str, Any]
+    manifest: ExportManifest | None
     cases: list[ShapeCase]
     gates_error: str = ""  # why the torch backend has no gates (exports carry their own)
 
 
 def _resolve(config: BenchConfig, say: Say) -> _Setup:
-    from maskattn_deploy.runtime.model_info import read_manifest
-
-    manifest: dict[str, Any] = {}
-    if config.export_dir is not None:
-        manifest = read_manifest(config.export_dir)
-    from maskattn_deploy.parity.reference import model_of
-
-    model = config.model or model_of(manifest)[0] or TINY
+    folder = ExportFolder.open(config.export_dir) if config.export_dir is not None else None
+    manifest = folder.manifest if folder is not None else None
+    model = config.model or (manifest.model.spec if manifest else None) or TINY
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = (
         config.precision
-        or manifest.get("precision")
+        or (manifest.precision if manifest else None)
         or ("fp16" if device.type == "cuda" else "fp32")
     )
     if precision not in ("fp32", "fp16"):
-        raise UserError(f"--precision {precision} is not supported; choose fp32 or fp16")
+        raise UserError(
+            f"precision {precision} is not supported; choose fp32 or fp16", params=("precision",)
+        )
     gates, gates_error = config.gates, ""
     if gates is not None:
         from maskattn_deploy.gating.checkpoint import read_checkpoint
 
         read_checkpoint(gates)  # a missing or malformed --gates is refused before any backend
-    if gates is None and config.export_dir is not None and manifest.get("gates"):
-        from maskattn_deploy.parity.reference import gates_path_of
-
-        try:
-            gates = gates_path_of(config.export_dir, manifest)
-        except UserError as exc:
-            gates_error = str(exc)
-    if gates is None and model == TINY and not manifest:
+    if gates is None and folder is not None and folder.manifest.gates_sha256:
+        gates = folder.find_gates(model=model)
+        if gates is None:
+            gates_error = (
+                f"{folder.path} was exported with gates, but they are not in the export folder "
+                "or at the recorded path; pass the same checkpoint with --gates"
+            )
+    if gates is None and model == TINY and manifest is None:
         from maskattn_deploy.models.tiny import tiny_default_gates_dir
 
         gates = tiny_default_gates_dir()
     if gates is None and not gates_error:
         gates_error = f"no gates for model {model}: pass --gates CKPT"
-    cases = config.shapes or [default_case(manifest) if manifest else ShapeCase(2, 256, 256)]
+    cases = config.shapes or [default_case(manifest)]
     return _Setup(model, gates, precision, device, config.export_dir, manifest, cases, gates_error)
 
 
@@ -253,7 +251,10 @@ def run_bench(config: BenchConfig, say: Say = _say_nothing, pipe: Any = None) ->
 
     start = time.perf_counter()
     if config.repeats < 1 or config.warmup < 0 or config.steps < 1:
-        raise UserError("--repeats and --steps must be >= 1 and --warmup >= 0")
+        raise UserError(
+            "repeats and steps must be >= 1 and warmup >= 0",
+            params=("repeats", "steps", "warmup"),
+        )
     setup = _resolve(config, say)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -324,7 +325,10 @@ def _bench_torch(
 
     dtype = _torch_dtype(setup.precision)
     if setup.device.type == "cpu" and dtype != torch.float32:
-        raise UserError("torch fp16 on the CPU is not a deployment target; use --precision fp32")
+        raise UserError(
+            "torch fp16 on the CPU is not a deployment target; use precision fp32",
+            params=("precision",),
+        )
     if setup.model == SDXL_RANDOM and pipe is None:
         _bench_sdxl_random(config, setup, result, say, dtype)
         return
@@ -367,7 +371,9 @@ def _bench_sdxl_random(
     from maskattn_deploy.runtime.torch_backend import TorchComponentRunner
 
     if setup.device.type != "cuda":
-        raise UserError(f"--model {SDXL_RANDOM} builds the 2.6 B-parameter UNet on a CUDA GPU")
+        raise UserError(
+            f"model {SDXL_RANDOM} builds the 2.6 B-parameter UNet on a CUDA GPU", params=("model",)
+        )
     say(f"building the SDXL UNet with random {setup.precision} weights on {setup.device}")
     unet = build_sdxl_unet(setup.device, dtype)
     torch.manual_seed(1234)
@@ -436,9 +442,8 @@ def _open(
     components: tuple[str, ...] | None = None,
 ) -> Any:
     from maskattn_deploy.runtime.base import PIPELINE_COMPONENTS
-    from maskattn_deploy.runtime.model_info import read_manifest
 
-    manifest = read_manifest(export_dir)
+    manifest = ExportFolder.open(export_dir).manifest
     wanted = components or (PIPELINE_COMPONENTS if config.end_to_end else ("unet",))
     if name == "onnxruntime":
         from maskattn_deploy.runtime.ort_backend import ort_backend
@@ -482,12 +487,12 @@ def _unmasked_export(config: BenchConfig, setup: _Setup, say: Say) -> Path:
     from maskattn_deploy.runtime.api import exports_cache_dir, model_fingerprint
     from maskattn_deploy.utils import build_once
 
-    recipe = setup.manifest.get("recipe") or TINY
+    recipe = setup.manifest.recipe if setup.manifest is not None else TINY
     name = recipe.get("name", "custom") if isinstance(recipe, dict) else recipe
     target = exports_cache_dir(
         f"{model_fingerprint(setup.model)}-unet-nogates-{setup.precision}-{name}"
     )
-    if not (target / "manifest.json").is_file() and not config.export_unmasked:
+    if not ExportFolder.exists(target) and not config.export_unmasked:
         raise UserError(
             "no plain-UNet export in the cache; run maskattn-deploy bench (it exports one "
             "once) or pass --unmasked-export DIR"
@@ -510,7 +515,7 @@ def _unmasked_export(config: BenchConfig, setup: _Setup, say: Say) -> Path:
             progress=say,
         )
 
-    build_once(target, lambda path: (path / "manifest.json").is_file(), export, say)
+    build_once(target, ExportFolder.exists, export, say)
     return target
 
 

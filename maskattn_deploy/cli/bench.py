@@ -8,10 +8,19 @@ A thin layer: flags -> :class:`~maskattn_deploy.bench.run.BenchConfig` ->
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from maskattn_deploy.cli.options import json_option, ort_provider_option, report_option
+from maskattn_deploy.cli.options import (
+    json_option,
+    model_choice_options,
+    ort_provider_option,
+    report_option,
+)
+
+if TYPE_CHECKING:
+    from maskattn_deploy.models.choice import ModelChoice
 
 
 @click.command("bench")
@@ -40,13 +49,12 @@ from maskattn_deploy.cli.options import json_option, ort_provider_option, report
     default=None,
     help="Export of the same model without gates (default: exported once into the cache).",
 )
-@click.option(
-    "--model",
-    default=None,
-    help="Model spec (default: the export's, else tiny). 'sdxl-random': the full-size SDXL "
+@model_choice_options(
+    model_help="Model spec (default: the export's, else tiny). 'sdxl-random': the full-size SDXL "
     "UNet with random weights built on the GPU (torch UNet step only, no download).",
+    gates_help="Gate checkpoint.",
+    no_gates_help=None,
 )
-@click.option("--gates", type=click.Path(path_type=Path), default=None, help="Gate checkpoint.")
 @click.option("--precision", type=click.Choice(("fp32", "fp16")), default=None)
 @click.option("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime.")
 @click.option("--device", default=None, help="torch device (default: cuda when available).")
@@ -71,8 +79,7 @@ def command(
     no_e2e: bool,
     no_unmasked: bool,
     unmasked_export: Path | None,
-    model: str | None,
-    gates: Path | None,
+    choice: ModelChoice,
     precision: str | None,
     threads: int | None,
     device: str | None,
@@ -92,13 +99,15 @@ def command(
     from maskattn_deploy.utils import atomic_path, write_json_atomic
 
     if gate_head:
-        _gate_head(model, gates, shapes, precision, repeats, warmup, device, json_path)
+        _gate_head(
+            choice.model, choice.gates, shapes, precision, repeats, warmup, device, json_path
+        )
         return
     config = BenchConfig(
         export_dir=export_dir,
         unmasked_export_dir=unmasked_export,
-        model=model,
-        gates=gates,
+        model=choice.model,
+        gates=choice.gates,
         backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
         shapes=parse_shapes(shapes) if shapes else None,
         precision=precision,

@@ -5,25 +5,18 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from maskattn_deploy.cli.options import model_choice_options
+
+if TYPE_CHECKING:
+    from maskattn_deploy.models.choice import ModelChoice
+
 
 @click.command("export")
-@click.option(
-    "--model",
-    default="tiny",
-    show_default=True,
-    help="'tiny', a hub id, a diffusers folder or a .safetensors file.",
-)
-@click.option(
-    "--gates",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Gate checkpoint. Default for --model tiny: the seeded, untrained tiny gates.",
-)
-@click.option("--no-gates", is_flag=True, help="Export the plain (ungated) UNet.")
+@model_choice_options(model_default="tiny", no_gates_help="Export the plain (ungated) UNet.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--fp16", is_flag=True, help="fp16 graphs (gate heads and softmax stay fp32).")
 @click.option("--vae-fp16", is_flag=True, help="Also the VAE in fp16 (needs an fp16-safe VAE).")
@@ -50,9 +43,7 @@ import click
     help="Move weights to model.onnx.data above this size (default 2 GB; 0 forces it).",
 )
 def command(
-    model: str,
-    gates: Path | None,
-    no_gates: bool,
+    choice: ModelChoice,
     out: Path,
     fp16: bool,
     vae_fp16: bool,
@@ -72,16 +63,14 @@ def command(
     """
     # Library import chatter (transformers' optional-backend notes) would bury the progress.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from maskattn_deploy.export import export_pipeline
-    from maskattn_deploy.export.pipeline import human_size
+    from maskattn_deploy.export.pipeline import ExportOptions, export_pipeline
     from maskattn_deploy.export.recipe import resolve_recipe
+    from maskattn_deploy.export.results import human_size
 
     start_cpu = time.process_time()
+    model = choice.model_or()
     recipe_obj = resolve_recipe(recipe or ("tiny" if model == "tiny" else "sdxl-1024"))
-    result = export_pipeline(
-        model,
-        gates,
-        out,
+    options = ExportOptions(
         fp16=fp16,
         recipe=recipe_obj,
         overwrite=overwrite,
@@ -90,9 +79,9 @@ def command(
         vae_encoder=vae_encoder,
         external_data_threshold=external_data_threshold,
         per_layer=per_layer,
-        no_gates=no_gates,
         progress=click.echo,
     )
+    result = export_pipeline(model, choice.gates, out, options, no_gates=choice.no_gates)
     click.echo("")
     click.echo(result.table())
     total = sum(c.size_bytes for c in result.components)

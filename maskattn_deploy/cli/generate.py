@@ -8,10 +8,14 @@ writes ``--json``. Heavy imports happen inside the command so ``--help`` stays f
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from maskattn_deploy.cli.options import ort_provider_option
+from maskattn_deploy.cli.options import model_choice_options, ort_provider_option
+
+if TYPE_CHECKING:
+    from maskattn_deploy.models.choice import ModelChoice
 
 BACKEND_CHOICES = ("onnxruntime", "torch", "tensorrt")
 SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun")
@@ -35,17 +39,12 @@ SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", 
     type=click.Path(path_type=Path),
     help="Export folder (maskattn-deploy export). Default for onnxruntime: the tiny model, exported once into the cache.",
 )
-@click.option(
-    "--model",
-    default=None,
-    help="'tiny', a diffusers folder, a .safetensors file or a hub id (torch backend; checked against --export-dir).",
+@model_choice_options(
+    model_help="'tiny', a diffusers folder, a .safetensors file or a hub id (torch backend; "
+    "checked against --export-dir).",
+    gates_help="Gate checkpoint (default for tiny: its seeded, untrained gates).",
+    no_gates_help="Run the plain model without MaskAttn gates.",
 )
-@click.option(
-    "--gates",
-    type=click.Path(path_type=Path),
-    help="Gate checkpoint (default for tiny: its seeded, untrained gates).",
-)
-@click.option("--no-gates", is_flag=True, help="Run the plain model without MaskAttn gates.")
 @click.option(
     "--steps", type=int, default=None, help="Denoising steps (default: 8 for tiny, 30 otherwise)."
 )
@@ -111,9 +110,7 @@ def command(
     negative_prompt: str,
     backend: str,
     export_dir: Path | None,
-    model: str | None,
-    gates: Path | None,
-    no_gates: bool,
+    choice: ModelChoice,
     steps: int | None,
     guidance: float,
     scheduler: str,
@@ -143,9 +140,9 @@ def command(
         negative_prompt=negative_prompt,
         backend=backend,
         export_dir=export_dir,
-        model=model,
-        gates=gates,
-        no_gates=no_gates,
+        model=choice.model,
+        gates=choice.gates,
+        no_gates=choice.no_gates,
         steps=steps,
         guidance=guidance,
         scheduler=scheduler,

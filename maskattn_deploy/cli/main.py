@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -49,11 +51,35 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def flag_lookup(command: click.Command | None) -> Callable[[str], str | None]:
+    """Python parameter name -> how ``command`` spells it (``steps`` -> ``--steps``,
+    ``export_dir`` -> ``EXPORT_DIR``); None for a parameter the command does not take."""
+    table: dict[str, str] = {}
+    for param in command.params if command is not None else ():
+        if isinstance(param, click.Option):
+            table[str(param.name)] = max(param.opts, key=len)
+        elif isinstance(param, click.Argument):
+            table[str(param.name)] = param.human_readable_name
+    return table.get
+
+
 class LazyGroup(click.Group):
     """A click group whose sub-commands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the sub-command; a library error's parameter names become its flags."""
+        from maskattn_deploy.errors import UserError
+
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            name = ctx.invoked_subcommand
+            command = self.get_command(ctx, name) if name else None
+            exc.args = (exc.message_for(flag_lookup(command)),)
+            raise
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name not in COMMANDS:

@@ -8,10 +8,19 @@ writes ``--json`` / ``--report`` and exits 1 when any check failed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from maskattn_deploy.cli.options import json_option, ort_provider_option, report_option
+from maskattn_deploy.cli.options import (
+    json_option,
+    model_choice_options,
+    ort_provider_option,
+    report_option,
+)
+
+if TYPE_CHECKING:
+    from maskattn_deploy.models.choice import ModelChoice
 
 
 def _csv(value: str | None) -> tuple[str, ...] | None:
@@ -46,12 +55,10 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 @click.option("--steps", type=int, default=4, show_default=True, help="End-to-end run steps.")
 @click.option("--no-e2e", is_flag=True, help="Skip the end-to-end image comparison.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--model", default=None, help="Override the model spec recorded in the export.")
-@click.option(
-    "--gates",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Override the gate checkpoint recorded in the export.",
+@model_choice_options(
+    model_help="Override the model spec recorded in the export.",
+    gates_help="Override the gate checkpoint recorded in the export.",
+    no_gates_help=None,
 )
 @click.option("--device", default=None, help="Reference device (default: cuda when available).")
 @ort_provider_option
@@ -66,8 +73,7 @@ def command(
     steps: int,
     no_e2e: bool,
     seed: int,
-    model: str | None,
-    gates: Path | None,
+    choice: ModelChoice,
     device: str | None,
     ort_provider: str,
     json_path: Path | None,
@@ -94,8 +100,8 @@ def command(
         end_to_end=not no_e2e,
         steps=steps,
         seed=seed,
-        model=model,
-        gates=gates,
+        model=choice.model,
+        gates=choice.gates,
         device=device,
         ort_provider=ort_provider,
     )

@@ -17,7 +17,6 @@ needs no plugin definition: the kernel's PTX is inside it.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,11 +31,12 @@ from maskattn_deploy.engine.cuda_check import (
 )
 from maskattn_deploy.engine.manifest import (
     ENGINE_SUFFIX,
+    EngineManifest,
     check_engine_manifest,
     current_environment,
     make_engine_manifest,
-    manifest_path,
     read_engine_manifest,
+    write_engine_manifest,
 )
 from maskattn_deploy.engine.network import (
     check_custom_nodes,
@@ -49,10 +49,11 @@ from maskattn_deploy.engine.network import (
 from maskattn_deploy.engine.profiles import Profile, component_profiles
 from maskattn_deploy.errors import ExportError, UserError
 from maskattn_deploy.export.component_spec import engine_outputs
+from maskattn_deploy.export.folder import ComponentEntry, ExportFolder, ExportManifest
 from maskattn_deploy.export.recipe import ExportRecipe, check_engine_settings, resolve_recipe
-from maskattn_deploy.export.spec import ENGINES_DIR, EXPORT_FORMAT, MANIFEST_NAME
+from maskattn_deploy.export.spec import ENGINES_DIR
 from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_VERSION
-from maskattn_deploy.utils import atomic_path, sha256_file, write_json_atomic
+from maskattn_deploy.utils import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -102,31 +103,13 @@ class BuildJob:
         return any(self.custom_nodes.values())
 
 
-def read_export_manifest(export_dir: str | Path) -> dict[str, Any]:
-    """Parse ``EXPORT_DIR/manifest.json`` or raise a UserError that names the fix."""
-    path = Path(export_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise UserError(
-            f"{export_dir} is not an export folder (no {MANIFEST_NAME}); create one with maskattn-deploy export"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is unreadable ({exc}); re-run maskattn-deploy export") from exc
-    if manifest.get("format", EXPORT_FORMAT) != EXPORT_FORMAT or "components" not in manifest:
-        raise UserError(f"{path} is not a {EXPORT_FORMAT} manifest; re-run maskattn-deploy export")
-    return manifest
-
-
-def _kept_outputs(
-    name: str, info: Mapping[str, Any], options: BuildOptions
-) -> tuple[str, ...] | None:
+def _kept_outputs(name: str, info: ComponentEntry, options: BuildOptions) -> tuple[str, ...] | None:
     """The outputs ``name``'s engine keeps (None: all), checked against the export's outputs.
 
     Not named in ``options.outputs``: what :func:`engine_outputs` gives (a text encoder keeps
     what the runtime reads, the other components all their outputs).
     """
-    declared = [o["name"] for o in info.get("outputs", []) if isinstance(o, Mapping)]
+    declared = [o["name"] for o in info.outputs if isinstance(o, Mapping)]
     if name not in options.outputs:
         return engine_outputs(name, declared) if declared else None
     keep = tuple(options.outputs[name])
@@ -141,14 +124,14 @@ def _kept_outputs(
 
 def plan_builds(
     export_dir: str | Path,
-    manifest: Mapping[str, Any],
+    manifest: ExportManifest,
     recipe: ExportRecipe,
     options: BuildOptions | None = None,
 ) -> list[BuildJob]:
     """One :class:`BuildJob` per requested component (pure: reads files, never TensorRT)."""
     options = options or BuildOptions()
     export_dir = Path(export_dir)
-    known = manifest.get("components", {})
+    known = manifest.components
     wanted = list(options.components) if options.components else list(known)
     unknown = [c for c in [*wanted, *options.outputs] if c not in known]
     if unknown:
@@ -162,11 +145,10 @@ def plan_builds(
     check_engine_settings(workspace, level)
     out_dir = Path(options.out) if options.out is not None else export_dir / ENGINES_DIR
     cache = Path(options.timing_cache or out_dir / TIMING_CACHE_NAME)
-    files = manifest.get("files", {})
     jobs = []
     for name in wanted:
         info = known[name]
-        rel = info.get("path", f"{name}/model.onnx")
+        rel = info.path
         onnx_path = export_dir / rel
         if not onnx_path.is_file():
             raise UserError(f"{onnx_path} is missing; re-run maskattn-deploy export")
@@ -176,16 +158,16 @@ def plan_builds(
                 component=name,
                 onnx_path=onnx_path,
                 onnx_relpath=rel,
-                onnx_sha256=files.get(rel) or sha256_file(onnx_path),
+                onnx_sha256=manifest.files.get(rel) or sha256_file(onnx_path),
                 engine_path=out_dir / f"{name}{ENGINE_SUFFIX}",
-                profiles=component_profiles(recipe, name, info.get("inputs")),
+                profiles=component_profiles(recipe, name, info.inputs),
                 workspace_bytes=int(workspace * (1 << 30)),
                 opt_level=level,
                 timing_cache=cache,
                 custom_nodes=custom_node_counts(onnx_path),
                 outputs=outputs,
                 options={"workspace_gib": workspace, "builder_optimization_level": level,
-                         "recipe": recipe.name, "precision": manifest.get("precision"),
+                         "recipe": recipe.name, "precision": manifest.precision,
                          "outputs": list(outputs) if outputs else None},
             )
         )  # fmt: skip
@@ -272,8 +254,8 @@ def build_engines(
     """Build an engine per component of the export; returns the engine paths written."""
     options = options or BuildOptions()
     cuda = require_tensorrt_and_gpu()
-    manifest = read_export_manifest(export_dir)
-    recipe_obj = resolve_recipe(recipe, manifest.get("recipe"))
+    manifest = ExportFolder.open(export_dir).manifest
+    recipe_obj = resolve_recipe(recipe, manifest.recipe)
     jobs = plan_builds(export_dir, manifest, recipe_obj, options)
     plugin = None
     if any(j.uses_plugin for j in jobs):
@@ -309,7 +291,7 @@ def build_engines(
             plugin if job.custom_nodes.get(PLUGIN_NAME) else None, seconds,
             job.options,
         )  # fmt: skip
-        write_json_atomic(manifest_path(job.engine_path), engine_manifest)
+        write_engine_manifest(job.engine_path, engine_manifest)
         say(
             f"[{i}/{len(jobs)}] {job.engine_path} ({len(engine_bytes) / 1e6:.1f} MB, {seconds:.0f} s)"
         )
@@ -339,14 +321,14 @@ def maybe_build_after_export(
 
 
 def _export_onnx_hash(
-    engine_path: Path, manifest: Mapping[str, Any], export_dir: Path | None
+    engine_path: Path, manifest: EngineManifest, export_dir: Path | None
 ) -> str | None:
     """The current hash of the ONNX file the engine came from, when the export folder is known."""
     folder = export_dir if export_dir is not None else engine_path.parent.parent
-    rel = (manifest.get("onnx") or {}).get("path")
-    if not rel or not (folder / MANIFEST_NAME).is_file():
+    rel = manifest.onnx_path
+    if not rel or not ExportFolder.exists(folder):
         return None
-    recorded = json.loads((folder / MANIFEST_NAME).read_text()).get("files", {}).get(rel)
+    recorded = ExportFolder.open(folder).recorded_sha256(rel)
     if recorded:
         return recorded
     return sha256_file(folder / rel) if (folder / rel).is_file() else None
@@ -358,7 +340,7 @@ class LoadedEngine:
 
     engine: Any
     runtime: Any
-    manifest: dict[str, Any]
+    manifest: EngineManifest
 
     def release(self) -> None:
         """Drop the engine before its runtime (TensorRT's required order)."""
@@ -401,9 +383,9 @@ def load_engine_checked(
     return LoadedEngine(engine, runtime, manifest)
 
 
-def _note_other_triton(manifest: Mapping[str, Any]) -> None:
+def _note_other_triton(manifest: EngineManifest) -> None:
     """Log (never refuse) when the engine's kernel came from another Triton than the installed."""
-    built = (manifest.get("plugin") or {}).get("triton_version")
+    built = (manifest.plugin or {}).get("triton_version")
     if not built:
         return
     from importlib.metadata import PackageNotFoundError, version
@@ -416,7 +398,7 @@ def _note_other_triton(manifest: Mapping[str, Any]) -> None:
         logger.info(
             "%s: its kernel was compiled by Triton %s (installed: %s); the kernel is inside "
             "the engine, a rebuild would compile it with the installed one",
-            manifest.get("component", "engine"),
+            manifest.component,
             built,
             here or "none",
         )

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.utils import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,67 @@ def driver_ptx_isa(cuda_driver: str) -> int | None:
     return None
 
 
+@dataclass
+class EngineManifest:
+    """The JSON beside an engine: what it was built with, on what, and from which ONNX file.
+
+    ``plugin`` (engines with the masked-softmax plugin) records the kernel: id, version,
+    Triton version, padded row length, tiling and PTX ISA.
+    """
+
+    component: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "9.0"
+    cuda_driver: str  # "12.9"; "0.0" when unknown
+    onnx_path: str  # relative to the export folder
+    onnx_sha256: str
+    profiles: list[dict[str, Any]]
+    plugin: dict[str, Any] | None
+    build_seconds: float
+    options: dict[str, Any] = field(default_factory=dict)
+    format: str = ENGINE_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "component": self.component,
+            "tensorrt_version": self.tensorrt_version,
+            "gpu_name": self.gpu_name,
+            "compute_capability": self.compute_capability,
+            "cuda_driver": self.cuda_driver,
+            "onnx": {"path": self.onnx_path, "sha256": self.onnx_sha256},
+            "profiles": self.profiles,
+            "plugin": self.plugin,
+            "build_seconds": round(self.build_seconds, 3),
+            "options": self.options,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "engine manifest") -> EngineManifest:
+        """Parse; a manifest without what the checks need asks for a rebuild."""
+        try:
+            onnx = data["onnx"]
+            return cls(
+                component=str(data["component"]),
+                tensorrt_version=str(data["tensorrt_version"]),
+                gpu_name=str(data["gpu_name"]),
+                compute_capability=str(data["compute_capability"]),
+                cuda_driver=str(data.get("cuda_driver", "0.0")),
+                onnx_path=str(onnx["path"]),
+                onnx_sha256=str(onnx["sha256"]),
+                profiles=list(data.get("profiles") or []),
+                plugin=dict(data["plugin"]) if data.get("plugin") else None,
+                build_seconds=float(data.get("build_seconds") or 0.0),
+                options=dict(data.get("options") or {}),
+                format=str(data.get("format")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EngineMismatchError(
+                f"{where} lacks {exc}; rebuild with maskattn-deploy build"
+            ) from None
+
+
 def make_engine_manifest(
     component: str,
     environment: Mapping[str, Any],
@@ -83,45 +146,44 @@ def make_engine_manifest(
     plugin: Mapping[str, Any] | None,
     build_seconds: float,
     options: Mapping[str, Any],
-) -> dict[str, Any]:
-    """The JSON written beside an engine."""
-    return {
-        "format": ENGINE_FORMAT,
-        "component": component,
-        **environment,
-        "onnx": {"path": onnx_path, "sha256": onnx_sha256},
-        "profiles": profiles,
-        "plugin": dict(plugin) if plugin else None,
-        "build_seconds": round(build_seconds, 3),
-        "options": dict(options),
-    }
+) -> EngineManifest:
+    """The manifest of an engine built here (``environment``: :func:`current_environment`)."""
+    return EngineManifest(
+        component=component,
+        tensorrt_version=str(environment["tensorrt_version"]),
+        gpu_name=str(environment["gpu_name"]),
+        compute_capability=str(environment["compute_capability"]),
+        cuda_driver=str(environment.get("cuda_driver", "0.0")),
+        onnx_path=onnx_path,
+        onnx_sha256=onnx_sha256,
+        profiles=profiles,
+        plugin=dict(plugin) if plugin else None,
+        build_seconds=build_seconds,
+        options=dict(options),
+    )
 
 
 def engine_mismatches(
-    manifest: Mapping[str, Any], current: Mapping[str, Any], onnx_sha256: str | None = None
+    manifest: EngineManifest, current: Mapping[str, Any], onnx_sha256: str | None = None
 ) -> list[str]:
     """Human-readable differences that make an engine unusable here (empty: compatible)."""
     problems = []
-    if manifest.get("format") != ENGINE_FORMAT:
-        problems.append(
-            f"engine manifest format {manifest.get('format')!r} (expected {ENGINE_FORMAT!r})"
-        )
+    if manifest.format != ENGINE_FORMAT:
+        problems.append(f"engine manifest format {manifest.format!r} (expected {ENGINE_FORMAT!r})")
     for key, what in (
         ("tensorrt_version", "TensorRT"),
         ("compute_capability", "GPU compute capability"),
         ("gpu_name", "GPU"),
     ):
-        built, here = manifest.get(key), current.get(key)
+        built, here = getattr(manifest, key), current.get(key)
         if built != here:
             problems.append(f"built for {what} {built}, this machine has {here}")
-    problems += _kernel_problems(manifest.get("plugin"), current.get("cuda_driver", "0.0"))
-    if onnx_sha256 is not None:
-        built_hash = (manifest.get("onnx") or {}).get("sha256")
-        if built_hash != onnx_sha256:
-            problems.append(
-                f"built from another ONNX file (sha256 {str(built_hash)[:12]}..., the export has "
-                f"{onnx_sha256[:12]}...)"
-            )
+    problems += _kernel_problems(manifest.plugin, current.get("cuda_driver", "0.0"))
+    if onnx_sha256 is not None and manifest.onnx_sha256 != onnx_sha256:
+        problems.append(
+            f"built from another ONNX file (sha256 {manifest.onnx_sha256[:12]}..., the export "
+            f"has {onnx_sha256[:12]}...)"
+        )
     return problems
 
 
@@ -141,7 +203,7 @@ def _kernel_problems(plugin: Mapping[str, Any] | None, cuda_driver: str) -> list
 
 
 def check_engine_manifest(
-    manifest: Mapping[str, Any],
+    manifest: EngineManifest,
     current: Mapping[str, Any],
     onnx_sha256: str | None = None,
     export_dir: str | Path | None = None,
@@ -150,23 +212,33 @@ def check_engine_manifest(
     problems = engine_mismatches(manifest, current, onnx_sha256)
     if problems:
         target = str(export_dir) if export_dir is not None else "EXPORT_DIR"
-        component = manifest.get("component", "engine")
         raise EngineMismatchError(
-            f"the {component} engine cannot be used here: {'; '.join(problems)}; "
+            f"the {manifest.component} engine cannot be used here: {'; '.join(problems)}; "
             f"rebuild with maskattn-deploy build {target}"
         )
 
 
-def read_engine_manifest(engine_path: str | Path) -> dict[str, Any]:
+def read_engine_manifest(engine_path: str | Path) -> EngineManifest:
     """The manifest beside ``engine_path``; a missing or corrupt one asks for a rebuild."""
     path = manifest_path(engine_path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except FileNotFoundError:
         raise EngineMismatchError(
             f"{engine_path} has no engine manifest ({path.name}); rebuild with maskattn-deploy build"
         ) from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EngineMismatchError(
             f"engine manifest {path} is unreadable ({exc}); rebuild with maskattn-deploy build"
         ) from exc
+    if not isinstance(data, dict):
+        raise EngineMismatchError(
+            f"engine manifest {path} is not a JSON object; rebuild with maskattn-deploy build"
+        )
+    return EngineManifest.from_dict(data, str(path))
+
+
+def write_engine_manifest(engine_path: str | Path, manifest: EngineManifest) -> Path:
+    path = manifest_path(engine_path)
+    write_json_atomic(path, manifest.to_dict())
+    return path

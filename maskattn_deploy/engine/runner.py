@@ -19,9 +19,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from maskattn_deploy.errors import UserError
+
+if TYPE_CHECKING:
+    from maskattn_deploy.engine.manifest import EngineManifest
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +74,9 @@ class TrtRunner:
         return self._loaded is not None
 
     @property
-    def manifest(self) -> dict[str, Any]:
-        """The engine manifest (profiles, plugin kernel, ...); empty before :meth:`activate`."""
-        return self._loaded.manifest if self._loaded is not None else {}
+    def manifest(self) -> EngineManifest | None:
+        """The engine manifest (profiles, plugin kernel, ...); None before :meth:`activate`."""
+        return self._loaded.manifest if self._loaded is not None else None
 
     @property
     def output_names(self) -> list[str]:

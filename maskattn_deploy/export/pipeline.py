@@ -2,20 +2,19 @@
 
 The work happens in a temporary folder beside ``out`` that is renamed onto it only when every
 component was written and validated (:func:`maskattn_deploy.utils.atomic_dir`), so a failure
-never leaves a half-written export. Per component: trace with the dynamo exporter (the masked
-softmax becomes one custom node per gated layer), finish the graph (function, I/O shapes),
-save (external data past the threshold), then validate the saved file.
+never leaves a half-written export. Per component: trace the spec's adapter module with the
+dynamo exporter (the masked softmax becomes one custom node per gated layer), finish the graph
+(function, I/O shapes), save (external data past the threshold), then validate the saved file.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,22 @@ from torch import nn
 from maskattn_deploy.errors import ExportError, UserError
 from maskattn_deploy.export import graph as graph_mod
 from maskattn_deploy.export.adapters import UNetModule, inner_module
-from maskattn_deploy.export.component_spec import ModelDims
+from maskattn_deploy.export.component_spec import ModelDims, TensorSpec
 from maskattn_deploy.export.components import (
     PIPELINE_ATTR,
     Component,
     pipeline_component,
     unet_component,
 )
-from maskattn_deploy.export.manifest import build_manifest, write_manifest
+from maskattn_deploy.export.manifest import (
+    ExportSource,
+    build_manifest,
+    checkpoint_gates_entry,
+    installed_gates_entry,
+    pipeline_model_entry,
+    vae_entry,
+    write_manifest,
+)
 from maskattn_deploy.export.metadata import (
     TOKENIZER_DIRS,
     collect_metadata,
@@ -40,6 +47,7 @@ from maskattn_deploy.export.metadata import (
     write_metadata,
 )
 from maskattn_deploy.export.recipe import ExportRecipe, resolve_recipe
+from maskattn_deploy.export.results import ComponentResult, ExportResult, human_size
 from maskattn_deploy.export.shapes import ShapeRanges, torch_dims
 from maskattn_deploy.export.spec import (
     CONFIG_DIRS,
@@ -50,7 +58,6 @@ from maskattn_deploy.export.spec import (
     model_relpath,
 )
 from maskattn_deploy.export.validate import (
-    OutputCheck,
     check_file,
     compare,
     ort_fp16_fallback_ops,
@@ -59,104 +66,85 @@ from maskattn_deploy.export.validate import (
 )
 from maskattn_deploy.gating import installed_gates, remove_gates
 from maskattn_deploy.gating.checkpoint import read_checkpoint
-from maskattn_deploy.utils import atomic_dir, sha256_file
+from maskattn_deploy.models.choice import ModelChoice
+from maskattn_deploy.utils import atomic_dir
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
 
-# --- results -------------------------------------------------------------------------------
+# --- options -------------------------------------------------------------------------------
 
 
-@dataclass
-class ComponentResult:
-    """One written component and its validation."""
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export: the ``maskattn-deploy export`` flags as one object.
 
-    name: str
-    path: str  # relative to the export folder
-    size_bytes: int
-    external_data: bool
-    precision: str
-    opset: int
-    seconds: float
-    inputs: list[dict[str, Any]]
-    outputs: list[dict[str, Any]]
-    gated_layers: list[str] = field(default_factory=list)
-    checks: list[OutputCheck] = field(default_factory=list)
-    fp16_fallback_ops: list[str] = field(default_factory=list)
+    ``recipe``: a name, a ``.toml`` path, a parsed mapping or an
+    :class:`~maskattn_deploy.export.recipe.ExportRecipe` (shape ranges, profiles, opset).
+    ``external_data_threshold`` (bytes, default 2 GB) moves weights to ``model.onnx.data``
+    above it (0 forces it). ``per_layer`` adds each gated layer's probabilities as UNet outputs
+    ``probs/<layer>``. ``vae_fp16`` also casts the VAE (needs ``fp16``).
+    """
+
+    fp16: bool = False
+    recipe: str | Path | Mapping[str, Any] | ExportRecipe = "tiny"
+    overwrite: bool = False
+    validate: bool = True
+    vae_fp16: bool = False
+    vae_encoder: bool = False
+    external_data_threshold: int | None = None
+    per_layer: bool = False
+    progress: Progress | None = None
 
     @property
-    def max_diff(self) -> float | None:
-        return max((c.max_abs for c in self.checks), default=None)
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
 
-    def manifest_entry(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "path": self.path,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "external_data": self.external_data,
-            "precision": self.precision,
-            "size_bytes": self.size_bytes,
-        }
-        if self.name == "unet":
-            entry["gated_layers"] = self.gated_layers
-        return entry
+    @property
+    def vae_precision(self) -> str:
+        return "fp16" if self.vae_fp16 else "fp32"
 
-    def row(self) -> dict[str, Any]:
-        return {
-            "component": self.name,
-            "size_bytes": self.size_bytes,
-            "opset": self.opset,
-            "precision": self.precision,
-            "max_diff": self.max_diff,
-            "seconds": round(self.seconds, 1),
-            "external_data": self.external_data,
-        }
+    def say(self) -> Progress:
+        return self.progress or logger.info
+
+    def check(self) -> None:
+        if self.vae_fp16 and not self.fp16:
+            raise UserError(
+                "vae_fp16 needs fp16 (the fp32 export keeps every component fp32)",
+                params=("vae_fp16", "fp16"),
+            )
 
 
 @dataclass
-class ExportResult:
-    """What :func:`export_pipeline` wrote."""
+class _Run:
+    """One export's resolved settings, shared by the per-component steps."""
 
-    out: Path
-    manifest: dict[str, Any]
-    components: list[ComponentResult]
-    seconds: float
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [c.row() for c in self.components]
-
-    def table(self) -> str:
-        """The summary table printed by the CLI."""
-        header = f"{'component':<16}{'size':>10}  {'opset':>5}  {'precision':<9}  {'max diff':>9}"
-        lines = [header, "-" * len(header)]
-        for c in self.components:
-            diff = f"{c.max_diff:.1e}" if c.max_diff is not None else "skipped"
-            ext = " (+ext)" if c.external_data else ""
-            lines.append(
-                f"{c.name:<16}{human_size(c.size_bytes):>10}  {c.opset:>5}  {c.precision:<9}  "
-                f"{diff:>9}{ext}"
-            )
-        return "\n".join(lines)
+    root: Path
+    recipe: ExportRecipe
+    options: ExportOptions
+    inplace: bool
+    say: Progress
+    release: Callable[[Component], None] | None = None
 
 
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} GiB"
-
-
-# --- options -------------------------------------------------------------------------------
+def _options(options: ExportOptions | None, overrides: dict[str, Any]) -> ExportOptions:
+    """``options`` with keyword overrides (``export_pipeline(..., fp16=True)``)."""
+    try:
+        merged = replace(options or ExportOptions(), **overrides)
+    except TypeError as exc:
+        raise UserError(f"unknown export option: {exc}") from None
+    merged.check()
+    return merged
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
     """Refuse an existing output before any work is done."""
     if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass --overwrite to replace it")
+        raise ExportError(
+            f"{out} already exists; pass overwrite to replace it", params=("overwrite",)
+        )
 
 
 # --- one component -------------------------------------------------------------------------
@@ -226,7 +214,7 @@ def export_component(
     *,
     per_layer: bool = False,
     external_data_threshold: int | None = None,
-) -> tuple[Path, bool, list[str]]:
+) -> tuple[Path, bool, list[str], list[TensorSpec]]:
     """Trace, finish and save one component under ``root``.
 
     Returns (path, external data?, gated layers, extra per-layer output specs in graph order).
@@ -261,35 +249,20 @@ def _component_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())
 
 
-def _export_and_validate(
-    component: Component,
-    root: Path,
-    ranges: ShapeRanges,
-    opset: int,
-    *,
-    validate: bool,
-    inplace: bool,
-    per_layer: bool,
-    external_data_threshold: int | None,
-    say: Progress,
-    release: Callable[[Component], None] | None = None,
-) -> ComponentResult:
+def _export_and_validate(component: Component, run: _Run, inplace: bool) -> ComponentResult:
     start = time.perf_counter()
+    ranges, opset, options = run.recipe.shapes, run.recipe.opset, run.options
     points = ranges.validation_points()
-    refs = reference_outputs(component, points) if validate else []
+    refs = reference_outputs(component, points) if options.validate else []
     if component.precision == "fp16":
         _to_fp16(component, inplace)
     path, external, layers, extra_outputs = export_component(
-        component,
-        root,
-        ranges,
-        opset,
-        per_layer=per_layer,
-        external_data_threshold=external_data_threshold,
-    )
+        component, run.root, ranges, opset,
+        per_layer=options.per_layer, external_data_threshold=options.external_data_threshold,
+    )  # fmt: skip
     component.module = nn.Identity()  # drop the fp16 copy / reference to the weights early
-    if inplace and release is not None:
-        release(component)  # let the owner free the weights before the ORT session
+    if inplace and run.release is not None:
+        run.release(component)  # let the owner free the weights before the ORT session
     result = ComponentResult(
         name=component.name,
         path=model_relpath(component.name),
@@ -302,8 +275,8 @@ def _export_and_validate(
         outputs=[s.record(component.precision) for s in [*component.outputs, *extra_outputs]],
         gated_layers=layers,
     )
-    if validate:
-        _validate(component, path, result, points, refs, say)
+    if options.validate:
+        _validate(component, path, result, points, refs, run.say)
     result.seconds = time.perf_counter() - start
     return result
 
@@ -347,86 +320,6 @@ def _validate(
         )
 
 
-# --- gates and models ----------------------------------------------------------------------
-
-
-def resolve_gates(
-    model: Any, gates: str | Path | None, no_gates: bool, say: Progress
-) -> str | Path | None:
-    """The gate checkpoint to use (None: ungated); the tiny model defaults to seeded gates."""
-    if gates is not None and no_gates:
-        raise UserError("pass either --gates or --no-gates, not both")
-    if no_gates or gates is not None:
-        return gates
-    if model == "tiny":
-        from maskattn_deploy.models.tiny import tiny_default_gates_dir
-
-        path = tiny_default_gates_dir()
-        say(f"note: no --gates given; using the seeded, untrained tiny gates in {path}")
-        return path
-    raise UserError(
-        "pass --gates CHECKPOINT (gates trained for this model) or --no-gates to export the "
-        "plain UNet"
-    )
-
-
-def gate_info(path: str | Path, ckpt: Any, unet: nn.Module) -> dict[str, Any]:
-    """Install the checkpoint's gates on ``unet``; returns the manifest's ``gates`` entry."""
-    from maskattn_deploy.gating.checkpoint import load_gates
-
-    gates = load_gates(ckpt, unet)
-    threshold = float(gates.threshold)
-    return {
-        "path": str(Path(path).resolve()),
-        "sha256": ckpt.sha256 or sha256_file(path),
-        "format": ckpt.source,
-        "config": ckpt.config.to_dict(),
-        "threshold": threshold if math.isfinite(threshold) else str(threshold),
-        "step": ckpt.step,
-        "metadata": ckpt.metadata,
-        "num_parameters": ckpt.num_parameters,
-    }
-
-
-def _installed_gate_info(unet: nn.Module) -> dict[str, Any] | None:
-    """Manifest ``gates`` entry for gates a caller installed (no checkpoint path known)."""
-    gates = installed_gates(unet)
-    if gates is None:
-        return None
-    threshold = float(gates.threshold)
-    return {
-        "path": None,
-        "sha256": getattr(gates, "checkpoint_sha256", None),
-        "config": gates.config.to_dict(),
-        "threshold": threshold if math.isfinite(threshold) else str(threshold),
-        "num_parameters": gates.num_parameters(),
-    }
-
-
-def _model_info(model: Any, pipe: Any) -> dict[str, Any]:
-    """The manifest's ``model`` entry: what was exported (runtimes read these keys)."""
-    from maskattn_deploy.models import unet_fingerprint
-
-    config = getattr(pipe, "config", {}) or {}
-    return {
-        "spec": model if isinstance(model, str) else None,
-        "pipeline_class": type(pipe).__name__,
-        "unet_fingerprint": unet_fingerprint(pipe.unet),
-        "force_zeros_for_empty_prompt": bool(config.get("force_zeros_for_empty_prompt", True)),
-        "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
-    }
-
-
-def _vae_info(pipe: Any) -> dict[str, Any]:
-    cfg = pipe.vae.config
-    return {
-        "scaling_factor": float(cfg.scaling_factor),
-        "latents_mean": getattr(cfg, "latents_mean", None),
-        "latents_std": getattr(cfg, "latents_std", None),
-        "force_upcast": bool(getattr(cfg, "force_upcast", False)),
-    }
-
-
 def _copy_configs(pipe: Any, root: Path) -> None:
     for name in CONFIG_DIRS:
         part = getattr(pipe, name, None)
@@ -445,17 +338,10 @@ def export_pipeline(
     model: str | Any = "tiny",
     gates: str | Path | None = None,
     out: str | Path = "out/onnx",
+    options: ExportOptions | None = None,
     *,
-    fp16: bool = False,
-    recipe: str | Path | Mapping[str, Any] | ExportRecipe = "tiny",
-    overwrite: bool = False,
-    validate: bool = True,
-    vae_fp16: bool = False,
-    vae_encoder: bool = False,
-    external_data_threshold: int | None = None,
-    per_layer: bool = False,
     no_gates: bool = False,
-    progress: Progress | None = None,
+    **overrides: Any,
 ) -> ExportResult:
     """Export an SDXL pipeline with its gates to ``out`` (see docs/export.md).
 
@@ -463,63 +349,41 @@ def export_pipeline(
     ``StableDiffusionXLPipeline`` (never modified: fp16 casts work on copies, gates are removed
     again). gates: a gate checkpoint; None with ``model="tiny"`` uses the seeded tiny gates,
     None with a pipeline object whose UNet has gates installed exports those, ``no_gates=True``
-    exports the plain UNet (otherwise ``gates`` is required). ``external_data_threshold``
-    (bytes, default 2 GB) moves weights to ``model.onnx.data`` above it (0 forces it).
-    ``per_layer`` adds each gated layer's probabilities as UNet outputs ``probs/<layer>``.
+    exports the plain UNet (otherwise ``gates`` is required). ``options`` (or keyword
+    overrides of its fields, e.g. ``fp16=True``): see :class:`ExportOptions`.
     """
     start = time.perf_counter()
-    say = progress or logger.info
-    recipe_obj = resolve_recipe(recipe)
-    ranges, opset = recipe_obj.shapes, recipe_obj.opset
-    if vae_fp16 and not fp16:
-        raise UserError("--vae-fp16 needs --fp16 (the fp32 export keeps every component fp32)")
+    options = _options(options, overrides)
+    say, recipe = options.say(), resolve_recipe(options.recipe)
     out = Path(out)
-    refuse_existing(out, overwrite)
-    preinstalled = not isinstance(model, str) and installed_gates(model.unet) is not None
+    refuse_existing(out, options.overwrite)
+    owned = isinstance(model, str)
+    preinstalled = not owned and installed_gates(model.unet) is not None
     if preinstalled and (gates is not None or no_gates):
         raise UserError(
             "the pipeline already has gates installed: pass gates=None (export them) or call "
             "maskattn_deploy.gating.remove_gates(pipe.unet) first"
         )
-    gate_path = (
-        None
-        if preinstalled
-        else resolve_gates(model if isinstance(model, str) else None, gates, no_gates, say)
-    )
-    precision = "fp16" if fp16 else "fp32"
+    choice = ModelChoice(model if owned else None, gates, no_gates)
+    gate_path = None if preinstalled else choice.gate_checkpoint(choice.model, say)
     # A missing or corrupt checkpoint fails here, before the model is loaded.
     gate_ckpt = read_checkpoint(gate_path) if gate_path is not None else None
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        owned = isinstance(model, str)
-        if owned:
-            from maskattn_deploy.models import load_pipeline
-
-            say(f"loading {model}")
-            pipe = load_pipeline(model)
-        else:
-            pipe = model
-        installed_here = gate_path is not None
+    with atomic_dir(out, overwrite=options.overwrite) as tmp:
+        pipe = _load(model, say) if owned else model
         try:
-            gates_entry = (
-                gate_info(gate_path, gate_ckpt, pipe.unet)
-                if gate_path is not None
-                else _installed_gate_info(pipe.unet)
-            )
-            model_entry, vae_entry = _model_info(model, pipe), _vae_info(pipe)
-            components = _pipeline_components(pipe, precision, vae_fp16, vae_encoder)
+            source = _pipeline_source(model, pipe, gate_path, gate_ckpt)
+            run = _Run(tmp, recipe, options, owned, say, _releaser(pipe) if owned else None)
+            components = _pipeline_components(pipe, options)
             metadata = collect_metadata(pipe, [c.name for c in components])
-            results = _run_components(
-                components, tmp, ranges, opset, validate, owned, per_layer,
-                external_data_threshold, say, release=_releaser(pipe) if owned else None,
-            )  # fmt: skip
+            results = _run_components(components, run)
             _copy_configs(pipe, tmp)
             write_metadata(metadata, tmp)
-            manifest = _finish_manifest(
-                tmp, model_entry, vae_entry, gates_entry, opset, precision, recipe_obj.as_dict(),
-                ranges, results, validate,
-            )  # fmt: skip
+            manifest = build_manifest(
+                tmp, source, recipe, options.precision, results, options.validate
+            )
+            write_manifest(tmp, manifest)
         finally:
-            if not owned and installed_here:
+            if not owned and gate_path is not None:
                 remove_gates(pipe.unet)
     return ExportResult(out, manifest, results, time.perf_counter() - start)
 
@@ -527,89 +391,89 @@ def export_pipeline(
 def export_unet(
     unet: nn.Module,
     out: str | Path,
+    options: ExportOptions | None = None,
     *,
-    fp16: bool = False,
-    recipe: str | Path | Mapping[str, Any] | ExportRecipe = "tiny",
-    overwrite: bool = False,
-    validate: bool = True,
-    external_data_threshold: int | None = None,
-    per_layer: bool = False,
     inplace: bool = False,
     source: str = "unet",
-    gates_entry: Mapping[str, Any] | None = None,
-    progress: Progress | None = None,
+    gates_checkpoint: str | Path | None = None,
+    **overrides: Any,
 ) -> ExportResult:
     """Export one UNet (with the gates installed on it, if any) to ``out/unet/model.onnx``.
 
     The gates' current threshold is baked in, so exporting inside ``gates.forced_open()``
     gives an all-open graph. fp16 casts a copy unless ``inplace`` (large models).
+    ``gates_checkpoint``: the checkpoint the installed gates came from (recorded with its
+    hash, so parity and ``generate --save-masks`` find it).
     """
-    start = time.perf_counter()
-    say = progress or logger.info
-    recipe_obj = resolve_recipe(recipe)
-    ranges, opset = recipe_obj.shapes, recipe_obj.opset
-    out = Path(out)
-    refuse_existing(out, overwrite)
-    precision = "fp16" if fp16 else "fp32"
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        component = unet_component(unet, installed_gates(unet), precision)
-        metadata = collect_metadata(None, ["unet"], unet=unet)
-        results = _run_components(
-            [component], tmp, ranges, opset, validate, inplace, per_layer,
-            external_data_threshold, say,
-        )  # fmt: skip
-        write_metadata(metadata, tmp)
-        from maskattn_deploy.models import unet_fingerprint
+    from maskattn_deploy.export.folder import ModelEntry
+    from maskattn_deploy.models import unet_fingerprint
 
-        src = {"spec": source, "pipeline_class": None, "unet_fingerprint": unet_fingerprint(unet)}
-        manifest = _finish_manifest(
-            tmp, src, None, gates_entry if gates_entry is not None else _installed_gate_info(unet),
-            opset, precision, recipe_obj.as_dict(), ranges, results, validate,
+    start = time.perf_counter()
+    options = _options(options, overrides)
+    recipe, out = resolve_recipe(options.recipe), Path(out)
+    refuse_existing(out, options.overwrite)
+    gates = installed_gates(unet)
+    if gates_checkpoint is not None:
+        entry = checkpoint_gates_entry(gates_checkpoint, read_checkpoint(gates_checkpoint), gates)
+    else:
+        entry = installed_gates_entry(gates)
+    model = ModelEntry(spec=source, pipeline_class=None, unet_fingerprint=unet_fingerprint(unet))
+    with atomic_dir(out, overwrite=options.overwrite) as tmp:
+        component = unet_component(unet, gates, options.precision)
+        metadata = collect_metadata(None, ["unet"], unet=unet)
+        results = _run_components([component], _Run(tmp, recipe, options, inplace, options.say()))
+        write_metadata(metadata, tmp)
+        manifest = build_manifest(
+            tmp, ExportSource(model, None, entry), recipe, options.precision, results,
+            options.validate,
         )  # fmt: skip
+        write_manifest(tmp, manifest)
     return ExportResult(out, manifest, results, time.perf_counter() - start)
 
 
-def _pipeline_components(
-    pipe: Any, precision: str, vae_fp16: bool, vae_encoder: bool
-) -> list[Component]:
-    vae_precision = "fp16" if vae_fp16 else "fp32"
+def _load(model: str, say: Progress) -> Any:
+    from maskattn_deploy.models import load_pipeline
+
+    say(f"loading {model}")
+    return load_pipeline(model)
+
+
+def _pipeline_source(model: Any, pipe: Any, gate_path: Path | None, ckpt: Any) -> ExportSource:
+    """Install the checkpoint's gates (if any) and describe what is exported."""
+    from maskattn_deploy.gating.checkpoint import load_gates
+
+    if gate_path is not None:
+        gates = checkpoint_gates_entry(gate_path, ckpt, load_gates(ckpt, pipe.unet))
+    else:
+        gates = installed_gates_entry(installed_gates(pipe.unet))
+    return ExportSource(pipeline_model_entry(model, pipe), vae_entry(pipe), gates)
+
+
+def _pipeline_components(pipe: Any, options: ExportOptions) -> list[Component]:
     dims = ModelDims.from_pipe(pipe)
+    precision, vae_precision = options.precision, options.vae_precision
     components = [
         pipeline_component("text_encoder", pipe, precision, dims),
         pipeline_component("text_encoder_2", pipe, precision, dims),
         unet_component(pipe.unet, installed_gates(pipe.unet), precision, dims),
         pipeline_component("vae_decoder", pipe, vae_precision, dims),
     ]
-    if vae_encoder:
+    if options.vae_encoder:
         components.append(pipeline_component("vae_encoder", pipe, vae_precision, dims))
     return components
 
 
-def _run_components(
-    components: list[Component],
-    root: Path,
-    ranges: ShapeRanges,
-    opset: int,
-    validate: bool,
-    inplace: bool,
-    per_layer: bool,
-    external_data_threshold: int | None,
-    say: Progress,
-    release: Callable[[Component], None] | None = None,
-) -> list[ComponentResult]:
-    if validate:
+def _run_components(components: list[Component], run: _Run) -> list[ComponentResult]:
+    say = run.say
+    if run.options.validate:
         say("validation: ONNX checker, shape inference, ONNX Runtime CPU vs PyTorch fp32")
     results = []
     for i, component in enumerate(components, 1):
         say(f"[{i}/{len(components)}] {component.name}: exporting ({component.precision})")
         # The VAE decoder and encoder share one module: cast a copy while a later one needs it.
         later = {id(inner_module(c.module)) for c in components[i:]}
-        result = _export_and_validate(
-            component, root, ranges, opset,
-            validate=validate, inplace=inplace and id(inner_module(component.module)) not in later,
-            per_layer=per_layer,
-            external_data_threshold=external_data_threshold, say=say, release=release,
-        )  # fmt: skip
+        inplace = run.inplace and id(inner_module(component.module)) not in later
+        result = _export_and_validate(component, run, inplace)
         ext = ", external data" if result.external_data else ""
         say(
             f"[{i}/{len(components)}] {component.name}: {human_size(result.size_bytes)}{ext} "
@@ -628,47 +492,9 @@ def _releaser(pipe: Any) -> Callable[[Component], None]:
     return release
 
 
-def _finish_manifest(
-    root: Path,
-    model: Mapping[str, Any],
-    vae: Mapping[str, Any] | None,
-    gates_entry: Mapping[str, Any] | None,
-    opset: int,
-    precision: str,
-    recipe: Mapping[str, Any],
-    ranges: ShapeRanges,
-    results: list[ComponentResult],
-    validate: bool,
-) -> dict[str, Any]:
-    unet = next((r for r in results if r.name == "unet"), None)
-    validation = None
-    if validate:
-        validation = {
-            r.name: {
-                "checks": [c.as_dict() for c in r.checks],
-                "ort_cpu_fp32_fallback_ops": r.fp16_fallback_ops,
-            }
-            for r in results
-        }
-    manifest = build_manifest(
-        root,
-        model=model,
-        vae=vae,
-        gates=gates_entry,
-        opset=opset,
-        precision=precision,
-        recipe=recipe,
-        shapes=ranges.as_dict(),
-        components={r.name: r.manifest_entry() for r in results},
-        gated_layers=unet.gated_layers if unet is not None else [],
-        validation=validation,
-    )
-    write_manifest(root, manifest)
-    return manifest
-
-
 __all__ = [
     "ComponentResult",
+    "ExportOptions",
     "ExportResult",
     "component_dir",
     "export_component",

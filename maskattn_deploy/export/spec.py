@@ -19,7 +19,11 @@ shape facts every other module imports (the latent factor, the text length, the 
 
 from __future__ import annotations
 
-EXPORT_FORMAT = "maskattn-deploy-export/1"
+# The manifest's format: name/version. Version 2: validation checks are parity verdicts;
+# ExportFolder.open migrates version-1 manifests (maskattn_deploy.export.folder.MIGRATIONS).
+EXPORT_FORMAT_NAME = "maskattn-deploy-export"
+EXPORT_FORMAT_VERSION = 2
+EXPORT_FORMAT = f"{EXPORT_FORMAT_NAME}/{EXPORT_FORMAT_VERSION}"
 # Bumped whenever the exported graphs change for the same model and gates (for example the
 # masked-softmax decomposition, the Optimum-compatible encoder outputs and timestep axis of
 # revision 3, or the text MLP computed once per shared gate head in revision 4), so cached

@@ -13,6 +13,7 @@ from typing import Any
 
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.component_spec import ModelDims, ShapePoint, component_spec
+from maskattn_deploy.export.folder import ExportManifest
 from maskattn_deploy.export.spec import LATENT_FACTOR
 
 # A parity / bench shape case is a spec shape point (batch rows, pixel height and width).
@@ -27,32 +28,27 @@ def parse_shapes(text: str) -> list[ShapeCase]:
         match = _SHAPE.match(part)
         if not match:
             raise UserError(
-                f"--shapes {part.strip()!r} is not BATCHxHEIGHTxWIDTH (e.g. 2x256x256; pixels, "
-                "comma-separated for several)"
+                f"shapes {part.strip()!r} is not BATCHxHEIGHTxWIDTH (e.g. 2x256x256; pixels, "
+                "comma-separated for several)",
+                params=("shapes",),
             )
         batch, height, width = (int(v) for v in match.groups())
         if batch < 1 or height % LATENT_FACTOR or width % LATENT_FACTOR or not height or not width:
             raise UserError(
-                f"--shapes {part.strip()}: batch must be >= 1 and height/width positive "
-                f"multiples of {LATENT_FACTOR}"
+                f"shapes {part.strip()}: batch must be >= 1 and height/width positive "
+                f"multiples of {LATENT_FACTOR}",
+                params=("shapes",),
             )
         cases.append(ShapeCase(batch, height, width))
     return cases
 
 
-def default_case(manifest: dict[str, Any]) -> ShapeCase:
-    """The recipe's optimum shape (the middle of [min, opt, max]); 2x256x256 if none recorded."""
-    shapes = (manifest.get("recipe") or {}).get("shapes", {})
-
-    def opt(key: str, fallback: int) -> int:
-        value = shapes.get(key)
-        if value is None:
-            return fallback
-        if isinstance(value, (int, float)):
-            return int(value)
-        return int(value[1] if len(value) == 3 else value[0])
-
-    return ShapeCase(opt("batch", 2), opt("height", 256), opt("width", 256))
+def default_case(manifest: ExportManifest | None) -> ShapeCase:
+    """The export recipe's optimum shape (the middle of [min, opt, max]); 2x256x256 without an
+    export."""
+    if manifest is None:
+        return ShapeCase(2, 256, 256)
+    return manifest.export_recipe().shapes.opt_point()
 
 
 def make_feed(component: str, case: ShapeCase, dims: ModelDims, seed: int = 0) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import BackendUnavailableError, UserError
+from maskattn_deploy.export.folder import ExportManifest
 from maskattn_deploy.parity.capture import Capture, capture_gated_layers
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ class Reference:
     """A loaded fp32 torch pipeline with the export's gates installed."""
 
     export_dir: Path
-    manifest: dict[str, Any]
+    manifest: ExportManifest
     pipe: Any
     gates: Any  # GateSet or None for an ungated export
     gates_path: Path | None
@@ -35,7 +36,7 @@ class Reference:
 
     @property
     def precision(self) -> str:
-        return str(self.manifest.get("precision", "fp32"))
+        return self.manifest.precision
 
     def describe(self) -> str:
         return f"torch fp32 on {self.device.type}"
@@ -104,36 +105,6 @@ def _install(pipe: Any, gates_path: Path | None) -> Any:
     return load_gates(gates_path, pipe.unet)
 
 
-def gates_path_of(export_dir: Path, manifest: dict[str, Any]) -> Path | None:
-    """Where the export's gates live: the path the manifest records, or ``EXPORT_DIR/gates``."""
-    gates = manifest.get("gates")
-    if not gates:
-        return None
-    candidates: list[Path] = []
-    if isinstance(gates, dict):
-        for key in ("checkpoint", "path", "dir"):
-            if gates.get(key):
-                path = Path(gates[key])
-                candidates.append(path if path.is_absolute() else export_dir / path)
-    candidates.append(export_dir / "gates")
-    for path in candidates:
-        if path.exists():
-            return path
-    raise UserError(
-        f"{export_dir} was exported with gates, but they are not in the export folder or at "
-        "the recorded path; pass the same checkpoint with --gates"
-    )
-
-
-def model_of(manifest: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(model spec, UNet fingerprint) recorded in a manifest (``model`` or ``source`` entry)."""
-    model = manifest.get("model") or {}
-    source = manifest.get("source") or {}
-    spec = model.get("spec") or source.get("model")
-    fingerprint = model.get("unet_fingerprint") or source.get("unet_fingerprint")
-    return (str(spec) if spec else None), fingerprint
-
-
 def load_reference(
     export_dir: Path,
     model: str | None = None,
@@ -141,37 +112,43 @@ def load_reference(
     device: str | None = None,
 ) -> Reference:
     """Load the fp32 torch model and gates that ``export_dir`` was made from, and check them."""
+    from maskattn_deploy.export.folder import ExportFolder
     from maskattn_deploy.models import load_pipeline, unet_fingerprint
-    from maskattn_deploy.runtime.model_info import read_manifest
 
-    export_dir = Path(export_dir)
-    manifest = read_manifest(export_dir)
-    recorded_spec, fingerprint = model_of(manifest)
-    spec = model or recorded_spec
+    folder = ExportFolder.open(export_dir)
+    manifest = folder.manifest
+    spec = model or manifest.model.spec
     if not spec:
-        raise UserError(f"{export_dir}/manifest.json records no model; pass --model")
+        raise UserError(
+            f"{export_dir}/manifest.json does not say what was exported; pass model",
+            params=("model",),
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe = load_pipeline(str(spec), torch_dtype=torch.float32, device=dev)
+    fingerprint = manifest.model.unet_fingerprint
     if fingerprint and fingerprint != unet_fingerprint(pipe.unet):
         raise UserError(
-            f"model {spec} (UNet {unet_fingerprint(pipe.unet)}) is not the model of {export_dir} "
-            f"(UNet {fingerprint}); pass the exported model with --model"
+            f"{spec} (UNet {unet_fingerprint(pipe.unet)}) is not what {export_dir} was exported "
+            f"from (UNet {fingerprint}); pass that one as model",
+            params=("model",),
         )
-    gates_path = gates if gates is not None else gates_path_of(export_dir, manifest)
+    gates_path = gates if gates is not None else folder.find_gates(model=str(spec))
+    if manifest.gates_sha256 and gates_path is None:
+        raise UserError(
+            f"{export_dir} was exported with a gate checkpoint that is not in the export folder "
+            "or at the recorded path; pass the same checkpoint as gates",
+            params=("gates",),
+        )
     installed = _install(pipe, gates_path)
-    _check_gates_hash(manifest, installed, export_dir)
+    _check_gates_hash(manifest.gates_sha256, installed, export_dir)
     return Reference(export_dir, manifest, pipe, installed, gates_path, str(spec), dev)
 
 
-def _check_gates_hash(manifest: dict[str, Any], gates: Any, export_dir: Path) -> None:
-    from maskattn_deploy.runtime.model_info import gates_sha256_of
-
-    expected = gates_sha256_of(manifest)
+def _check_gates_hash(expected: str | None, gates: Any, export_dir: Path) -> None:
     got = getattr(gates, "checkpoint_sha256", None) if gates is not None else None
     if expected and got and expected != got:
         raise UserError(
-            f"the gates given (sha256 {got[:12]}) are not the gates exported to {export_dir} "
-            f"(sha256 {expected[:12]}); pass the exported checkpoint with --gates"
+            f"the checkpoint given as gates (sha256 {got[:12]}) is not the one exported to "
+            f"{export_dir} (sha256 {expected[:12]}); pass the exported checkpoint",
+            params=("gates",),
         )
-    if expected and gates is None:
-        raise UserError(f"{export_dir} was exported with gates; pass them with --gates")

@@ -25,6 +25,7 @@ import torch
 
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.component_spec import COMPONENT_IO
+from maskattn_deploy.export.folder import ExportManifest
 from maskattn_deploy.export.spec import PER_LAYER_OUTPUT_PREFIX
 from maskattn_deploy.parity.compare import (
     OutputVerdict,
@@ -108,8 +109,8 @@ def run_parity(config: ParityConfig, say: Say = _say_nothing) -> ParityResult:
     return result
 
 
-def _components(config: ParityConfig, manifest: dict[str, Any]) -> list[str]:
-    exported = [name for name in COMPONENT_IO if name in manifest.get("components", {})]
+def _components(config: ParityConfig, manifest: ExportManifest) -> list[str]:
+    exported = [name for name in COMPONENT_IO if name in manifest.components]
     if config.components is None:
         return exported
     unknown = [c for c in config.components if c not in COMPONENT_IO]
@@ -162,7 +163,7 @@ def _make_backend(
     components: list[str],
 ) -> Any:
     export_dir, manifest = config.export_dir, ref.manifest
-    available = tuple(c for c in needed if c in manifest.get("components", {}))
+    available = tuple(c for c in needed if c in manifest.components)
     if name == "torch":
         return ref.torch_at_precision()
     if name == "onnxruntime":
@@ -236,8 +237,7 @@ def _compare_case(
 
 def _component_precision(ref: Reference, component: str) -> str:
     """The precision a component was exported in (the VAE stays fp32 in fp16 exports)."""
-    info = ref.manifest.get("components", {}).get(component, {})
-    return str(info.get("precision", ref.precision))
+    return ref.manifest.component_precision(component)
 
 
 # --------------------------------------------------------------------------- per layer
@@ -326,7 +326,7 @@ def _compare_images(
     say: Say,
 ) -> None:
     """Same prompt and seed on the reference and each backend; compare the final images."""
-    missing = [c for c in E2E_COMPONENTS if c not in ref.manifest.get("components", {})]
+    missing = [c for c in E2E_COMPONENTS if c not in ref.manifest.components]
     if missing:
         result.images_note = f"end-to-end run skipped: the export has no {', '.join(missing)}"
         say(f"SKIPPED image: {result.images_note}")

@@ -21,17 +21,18 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.folder import ExportFolder, ExportFolderError, ExportManifest
 from maskattn_deploy.export.spec import GRAPH_REVISION
+from maskattn_deploy.models.choice import TINY, ModelChoice
 from maskattn_deploy.runtime.base import Backend, check_backend_name
 from maskattn_deploy.runtime.masks import render_mask_grid
-from maskattn_deploy.runtime.model_info import ExportFolderError, ModelInfo, read_manifest
+from maskattn_deploy.runtime.model_info import ModelInfo
 from maskattn_deploy.runtime.outputs import save_png, save_run_pngs, write_json
 from maskattn_deploy.runtime.pipeline import GenerateConfig, GenerateResult, Pipeline, check_size
 from maskattn_deploy.utils import check_output_folder
 
 log = logging.getLogger(__name__)
 
-TINY = "tiny"
 DEFAULT_STEPS = {"tiny": 8, "other": 30}
 EXPORTS_CACHE = "exports"
 
@@ -64,6 +65,11 @@ class GenerateOptions:
     cuda_graph: bool = False
     device: str | None = None  # torch backend: cpu / cuda (default: cuda when available)
     progress: bool = True
+
+    @property
+    def choice(self) -> ModelChoice:
+        """``model`` / ``gates`` / ``no_gates`` as one checked value."""
+        return ModelChoice(self.model, self.gates, self.no_gates)
 
 
 @dataclass
@@ -125,24 +131,6 @@ def _model_folder(spec: str) -> Path | None:
     return path if (path / "unet" / "config.json").is_file() else None
 
 
-def resolve_gates(options: GenerateOptions, model: str) -> Path | None:
-    """The gate checkpoint to use with ``model`` (None: run ungated)."""
-    if options.no_gates and options.gates is not None:
-        raise UserError("pass either --gates CKPT or --no-gates, not both")
-    if options.no_gates:
-        return None
-    if options.gates is not None:
-        return Path(options.gates)
-    if model == TINY:
-        from maskattn_deploy.models.tiny import tiny_default_gates_dir
-
-        return tiny_default_gates_dir()
-    raise UserError(
-        f"no gates given for model {model}: pass --gates CKPT (trained with maskattn-deploy "
-        "train) or --no-gates to run the plain model"
-    )
-
-
 def gates_sha256(path: Path | None) -> str | None:
     if path is None:
         return None
@@ -190,7 +178,7 @@ def ensure_tiny_export(gates: Path | None, say: Say, precision: str = "fp32") ->
         say(f"export done in {time.perf_counter() - start:.1f} s")
 
     # Concurrent runs on a cold cache: one exports, the others wait for it and reuse it.
-    if not build_once(target, lambda path: (path / "manifest.json").is_file(), export, say):
+    if not build_once(target, ExportFolder.exists, export, say):
         return target, {"path": str(target), "created": False}
     seconds = time.perf_counter() - start
     return target, {"path": str(target), "created": True, "seconds": round(seconds, 2)}
@@ -205,21 +193,24 @@ def check_export_matches(
         wanted = model_fingerprint(model)
         if info.unet_fingerprint and wanted != info.unet_fingerprint:
             raise ExportFolderError(
-                f"export folder {where} was made for UNet {info.unet_fingerprint}, but --model "
-                f"{model} has UNet {wanted}: export this model with maskattn-deploy export, or "
-                "pass the export folder made for it"
+                f"export folder {where} was made for UNet {info.unet_fingerprint}, but model "
+                f"{model} has UNet {wanted}: export it with maskattn-deploy export, or pass the "
+                "export folder made for it",
+                params=("model",),
             )
     if no_gates and info.gates_sha256:
         raise ExportFolderError(
             f"export folder {where} has gates built in; for the ungated model export it with "
-            "--no-gates, or use --backend torch --no-gates"
+            "no_gates, or use the torch backend with no_gates",
+            params=("no_gates",),
         )
     if gates is not None:
         sha = gates_sha256(gates)
         if sha != info.gates_sha256:
             raise ExportFolderError(
-                f"--gates {gates} (sha256 {str(sha)[:12]}) are not the gates in {where} "
-                f"(sha256 {str(info.gates_sha256)[:12]}); re-export with these gates or drop --gates"
+                f"gates {gates} (sha256 {str(sha)[:12]}) are not the ones in {where} "
+                f"(sha256 {str(info.gates_sha256)[:12]}); re-export with these or drop gates",
+                params=("gates",),
             )
 
 
@@ -227,7 +218,8 @@ def torch_device(requested: str | None) -> torch.device:
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(
-                "--device cuda needs a CUDA build of torch and a GPU; this torch sees none"
+                "device cuda needs a CUDA build of torch and a GPU; this torch sees none",
+                params=("device",),
             )
         return torch.device(requested)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -255,27 +247,30 @@ def export_pipeline_for(options: GenerateOptions, say: Say) -> tuple[Pipeline, d
     cache: dict[str, Any] = {}
     if options.export_dir is not None:
         export_dir = Path(options.export_dir)
-        read_manifest(export_dir)
     else:
         model = options.model or TINY
         if model != TINY:
             raise UserError(
                 f"the {options.backend} backend runs an export folder: run maskattn-deploy "
-                f"export --model {model} --out DIR first, then pass --export-dir DIR"
+                f"export --model {model} --out DIR first, then pass export_dir",
+                params=("export_dir",),
             )
         if options.backend == "tensorrt":
             raise UserError(
                 "the tensorrt backend runs engines: maskattn-deploy export --model tiny --out DIR, "
-                "maskattn-deploy build DIR, then pass --export-dir DIR"
+                "maskattn-deploy build DIR, then pass export_dir",
+                params=("export_dir",),
             )
-        export_dir, cache = ensure_tiny_export(resolve_gates(options, TINY), say)
+        export_dir, cache = ensure_tiny_export(options.choice.gate_checkpoint(TINY), say)
     info = ModelInfo.from_export(export_dir)
     check_export_matches(info, options.model, options.gates, options.no_gates)
-    backend = _export_backend(options, export_dir, info.manifest)
+    backend = _export_backend(options, export_dir, info.export_manifest)
     return Pipeline(backend, info), cache
 
 
-def _export_backend(options: GenerateOptions, export_dir: Path, manifest: dict) -> Backend:
+def _export_backend(
+    options: GenerateOptions, export_dir: Path, manifest: ExportManifest
+) -> Backend:
     if options.backend == "tensorrt":
         from maskattn_deploy.runtime.trt_backend import trt_backend
 
@@ -294,13 +289,17 @@ def build_pipeline(options: GenerateOptions, say: Say) -> tuple[Pipeline, dict]:
         require_tensorrt_and_gpu()
     if options.backend != "torch":
         return export_pipeline_for(options, say)
-    model = options.model
+    choice = options.choice
+    model = choice.model
     if model is None and options.export_dir is not None:
-        model = (read_manifest(options.export_dir).get("model") or {}).get("spec")
+        model = ExportFolder.open(options.export_dir).manifest.model.spec
         if not model:
-            raise UserError(f"{options.export_dir} records no model spec: pass --model")
+            raise UserError(
+                f"{options.export_dir} does not say what was exported: pass model",
+                params=("model",),
+            )
     model = model or TINY
-    gates = resolve_gates(options, model)
+    gates = choice.gate_checkpoint(model)
     pipeline = torch_pipeline(model, gates, torch_device(options.device))
     if options.export_dir is not None:
         info = ModelInfo.from_export(options.export_dir)
@@ -313,30 +312,6 @@ def build_pipeline(options: GenerateOptions, say: Say) -> tuple[Pipeline, dict]:
 
 
 # ---------------------------------------------------------------------- masks
-
-
-def export_gates_path(options: GenerateOptions, info: ModelInfo) -> Path | None:
-    """The gate checkpoint an export was made with: --gates, EXPORT_DIR/gates, the recorded
-    path, or the tiny model's seeded gates; only one whose hash matches the export counts."""
-    candidates: list[Path] = []
-    if options.gates is not None:
-        candidates.append(Path(options.gates))
-    if info.export_dir is not None:
-        candidates.append(info.export_dir / "gates")
-        recorded = info.manifest.get("gates")
-        if isinstance(recorded, dict):
-            for key in ("path", "dir", "source"):
-                if recorded.get(key):
-                    path = Path(recorded[key])
-                    candidates.append(path if path.is_absolute() else info.export_dir / path)
-    if (options.model or info.model_spec or TINY) == TINY:
-        from maskattn_deploy.models.tiny import tiny_default_gates_dir
-
-        candidates.append(tiny_default_gates_dir())
-    for path in candidates:
-        if path.exists() and gates_sha256(path) == info.gates_sha256:
-            return path
-    return None
 
 
 def reference_masks(
@@ -363,16 +338,19 @@ def mask_gates_for(options: GenerateOptions, pipeline: Pipeline) -> Path | None:
     """For --save-masks on an export: the checkpoint to record masks with (checked up front)."""
     if not options.save_masks or options.backend == "torch":
         return None
-    if not pipeline.info.gates_sha256:
+    if not pipeline.info.gates_sha256 or pipeline.info.export_dir is None:
         raise UserError(
-            f"--save-masks: the export {pipeline.info.export_dir} has no gates, so there are "
-            "no masks to draw"
+            f"save_masks: the export {pipeline.info.export_dir} has no gates, so there are "
+            "no masks to draw",
+            params=("save_masks",),
         )
-    gates = export_gates_path(options, pipeline.info)
+    folder = ExportFolder.open(pipeline.info.export_dir)
+    gates = folder.find_gates(options.gates, options.model)
     if gates is None:
         raise UserError(
-            "--save-masks on this export needs the gate checkpoint it was exported with "
-            "(none found beside the export): pass --gates CKPT"
+            "save_masks on this export needs the gate checkpoint it was exported with "
+            "(none found beside the export): pass gates",
+            params=("save_masks", "gates"),
         )
     return gates
 
@@ -405,10 +383,11 @@ def early_checks(options: GenerateOptions) -> None:
     for name, value in (("height", options.height), ("width", options.width)):
         if value is not None:
             check_size(name, value, None)
-    if options.no_gates and options.gates is not None:
-        raise UserError("pass either --gates CKPT or --no-gates, not both")
-    if options.no_gates and options.save_masks:
-        raise UserError("--save-masks draws the gate masks, so it cannot be used with --no-gates")
+    if options.choice.no_gates and options.save_masks:
+        raise UserError(
+            "save_masks draws the gate masks, so it cannot be used with no_gates",
+            params=("save_masks", "no_gates"),
+        )
     check_output_folder(options.out)
 
 

@@ -22,6 +22,7 @@ import torch
 from maskattn_deploy._lazy import require
 from maskattn_deploy.errors import BackendUnavailableError, UserError
 from maskattn_deploy.export.component_spec import runtime_outputs
+from maskattn_deploy.export.folder import ExportManifest
 from maskattn_deploy.export.spec import LATENT_FACTOR
 from maskattn_deploy.runtime.base import (
     PIPELINE_COMPONENTS,
@@ -220,7 +221,7 @@ def _contract_dim(component: str, axis: int, in_shapes: dict[str, tuple[int, ...
 
 def ort_backend(
     export_dir: str | Path,
-    manifest: dict[str, Any],
+    manifest: ExportManifest,
     provider: str = "auto",
     components: tuple[str, ...] = PIPELINE_COMPONENTS,
     threads: int | None = None,
@@ -238,7 +239,7 @@ def ort_backend(
             "per call); install a CUDA build of torch to keep tensors on the GPU",
             provider,
         )
-    known = manifest.get("components", {})
+    known = manifest.components
     missing = [name for name in components if name not in known]
     if missing:
         raise UserError(
@@ -247,11 +248,11 @@ def ort_backend(
     runners = {
         name: OrtComponentRunner(
             name,
-            Path(export_dir) / known[name].get("path", f"{name}/model.onnx"),
+            Path(export_dir) / known[name].path,
             provider,
             threads,
             io_binding,
-            runtime_outputs(name, [o["name"] for o in known[name].get("outputs", [])]),
+            runtime_outputs(name, [o["name"] for o in known[name].outputs]),
         )
         for name in components
     }

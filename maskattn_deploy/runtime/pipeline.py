@@ -145,9 +145,13 @@ class Pipeline:
                 f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
             )
         if config.steps < 1 or config.num_images < 1:
-            raise UserError("--steps and --num-images must be at least 1")
+            raise UserError(
+                "steps and num_images must be at least 1", params=("steps", "num_images")
+            )
         if config.guidance < 0:
-            raise UserError("--guidance must be >= 0 (values <= 1 turn guidance off)")
+            raise UserError(
+                "guidance must be >= 0 (values <= 1 turn guidance off)", params=("guidance",)
+            )
         height = config.height or self.info.default_size[0]
         width = config.width or self.info.default_size[1]
         for name, value, allowed in (
@@ -381,11 +385,14 @@ class Pipeline:
 def check_size(name: str, value: int, allowed: tuple[int, int] | None) -> None:
     """Refuse sizes that are not positive multiples of 8 or lie outside the exported range."""
     if value <= 0 or value % LATENT_FACTOR:
-        raise UserError(f"--{name} {value} must be a positive multiple of {LATENT_FACTOR}")
+        raise UserError(
+            f"{name} {value} must be a positive multiple of {LATENT_FACTOR}", params=(name,)
+        )
     if allowed and not allowed[0] <= value <= allowed[1]:
         raise UserError(
-            f"--{name} {value} is outside the exported range {allowed[0]}..{allowed[1]} px; "
-            "choose a size in range or re-export with a recipe that covers it"
+            f"{name} {value} is outside the exported range {allowed[0]}..{allowed[1]} px; "
+            "choose a size in range or re-export with a recipe that covers it",
+            params=(name,),
         )
 
 

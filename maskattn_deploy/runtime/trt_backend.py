@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.folder import ExportManifest
 from maskattn_deploy.runtime.base import (
     PIPELINE_COMPONENTS,
     Backend,
@@ -95,7 +96,8 @@ class TrtComponentRunner(ComponentRunner):
             cuda_graph=self.cuda_graph and self.component == "unet",
         )
         self._runner = runner.activate()  # load and check now, not in the first step
-        self._profiles = list(self._runner.manifest.get("profiles") or [])
+        manifest = self._runner.manifest
+        self._profiles = list(manifest.profiles) if manifest is not None else []
 
     def _deactivate(self) -> None:
         if self._runner is not None:
@@ -119,7 +121,7 @@ def engine_path(export_dir: Path, component: str) -> Path:
 
 def trt_backend(
     export_dir: str | Path,
-    manifest: dict[str, Any],
+    manifest: ExportManifest,
     components: tuple[str, ...] = PIPELINE_COMPONENTS,
     cuda_graph: bool = False,
 ) -> Backend:
