@@ -165,7 +165,7 @@ def run_gate_head_bench(config: GateHeadConfig, say: Say = lambda _: None) -> Ga
         unet.load_state_dict(weights)
         unet.to(DTYPES[name])
         say(f"counting gate flips on a {name} UNet")
-        result.flips.append(_flips(unet, gates, _cast(feed, device, DTYPES[name]), name))
+        result.flips.append(count_gate_flips(unet, gates, _cast(feed, device, DTYPES[name]), name))
     unet.load_state_dict(weights)
     return result
 
@@ -269,7 +269,13 @@ def _timings(
     return out
 
 
-def _flips(unet: torch.nn.Module, gates: GateSet, feed: dict, dtype: str) -> FlipCount:
+def count_gate_flips(unet: torch.nn.Module, gates: GateSet, feed: dict, dtype: str) -> FlipCount:
+    """Flips of the activation-dtype latent MLP against the fp32 head on one UNet step.
+
+    ``unet`` (with ``gates`` installed) runs ``feed`` (the parity feed's names, in the UNet's
+    dtype) once to record each gated layer's inputs; ``dtype`` labels the result. The GPU
+    check calls it too.
+    """
     from maskattn_deploy.ops.reference import open_mask
     from maskattn_deploy.parity.gates import gate_agreement
     from maskattn_deploy.parity.tolerances import gate_margin_for
