@@ -92,30 +92,30 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
 
 
 def masked_softmax_resources(
-    arch: int = 90, dtype: str = "fp16", block_t: int = 128
+    arch: int = 90, dtype: str = "fp16", block_t: int = 128, tilings: Any = None
 ) -> list[Resources]:
-    """Every candidate tiling of the masked-softmax kernel at ``block_t`` (t = 77: 128)."""
+    """Each tiling (default: every candidate) of the masked-softmax kernel at ``block_t``
+    (t = 77: 128)."""
     from maskattn_deploy.plugins import masked_softmax_triton as mst
 
     rows = []
-    for tiling in mst.TUNING_CANDIDATES:
+    for tiling in mst.TUNING_CANDIDATES if tilings is None else tilings:
         r, warps, heads = tiling
-        ptx, _, meta = mst.compile_ptx(
-            dtype, arch, block_t, rows_per_program=r, num_warps=warps, heads_per_program=heads
-        )
+        ptx, _, meta = mst.compile_ptx(dtype, arch, block_t, tiling=mst.Tiling(r, warps, heads))
         rows.append(_resources("masked_softmax", f"rows={r} warps={warps} heads={heads}",
                                arch, dtype, meta.num_warps, meta.shared_mem, ptx))  # fmt: skip
     return rows
 
 
 def gated_attention_resources(
-    arch: int = 90, dtype: str = "fp16", t: int = 77, head_dim: int = 64
+    arch: int = 90, dtype: str = "fp16", t: int = 77, head_dim: int = 64, tilings: Any = None
 ) -> list[Resources]:
-    """Every candidate tiling of the fused gated-attention kernel (HEADS 0 compiled as 10)."""
+    """Each tiling (default: every candidate) of the fused gated-attention kernel (HEADS 0
+    compiled as 10)."""
     from maskattn_deploy.plugins import gated_attention_triton as gat
 
     rows = []
-    for tiling in gat.TUNING_CANDIDATES:
+    for tiling in gat.TUNING_CANDIDATES if tilings is None else tilings:
         block_n, warps, heads = tiling
         request = gat.CompileRequest(
             dtype, arch, t=t, head_dim=head_dim,

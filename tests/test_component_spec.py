@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskattn_deploy.bench.gpu_check.unet import unet_inputs, unet_step_module
+from maskattn_deploy.bench.gpu_check.model import unet_inputs, unet_step_module
 from maskattn_deploy.engine.profiles import component_profiles
 from maskattn_deploy.export.component_spec import (
     COMPONENT_IO,

@@ -6,20 +6,27 @@ import pytest
 import torch
 
 from maskattn_deploy.bench.gpu_check.plan import CheckConfig
-from maskattn_deploy.bench.gpu_check.report import render_markdown, verdict
+from maskattn_deploy.bench.gpu_check.report import render_markdown
 from maskattn_deploy.bench.gpu_check.results import (
+    AttentionData,
+    AttentionShape,
     CallTiming,
     CaseResult,
     CopyCeiling,
     Environment,
+    GateFlips,
+    GateHeadData,
+    ImplResult,
     Part,
     Ratio,
     StepTiming,
+    UNetData,
     Variant,
     VariantResult,
     to_json,
 )
 from maskattn_deploy.bench.gpu_check.run import new_results
+from maskattn_deploy.bench.gpu_check.verdict import verdict
 
 
 def test_none_is_left_out_unless_the_field_keeps_it() -> None:
@@ -68,8 +75,50 @@ def test_a_part_that_did_not_start_its_data_is_only_its_envelope() -> None:
     assert "verdict" not in data and data["complete"] is False
     results.verdict = verdict(results)
     assert results.verdict.ok is True and results.verdict.kernel_correct is None
+    assert all(t.measured is None and t.met is None for t in results.verdict.targets.values())
     text = render_markdown(results)
     assert "| kernel | skipped |" in text and "| unet | not reached | - |  |" in text
+
+
+def _unet(ratios: dict[str, Ratio]) -> UNetData:
+    return UNetData("sdxl", "float16", 1.0, 1, 1, 50, "mid", "inductor", {}, ratios=ratios)
+
+
+def test_targets_are_judged_on_the_best_fused_path_and_the_slowest_shape() -> None:
+    results = new_results(CheckConfig(out="x"))  # a GPU run: targets are judged
+    results.parts.unet = Part("ok", data=_unet({
+        # paired ratios decide when there are pairs; medians otherwise
+        "graph_fused": Ratio("graph_masked_fused", "graph_unmasked", 1.2, 1.1, 1.025),
+        "graph_flex": Ratio("graph_masked_flex", "graph_unmasked", 1.01, 1.0, 1.04),
+        "graph_op": Ratio("graph_masked_op", "graph_unmasked", 1.0, 1.0, 1.0),  # not a candidate
+        "compile_fused": Ratio("compile_masked_fused", "compile_unmasked", 1.05, 1.04),
+        "compile_ro_fused": Ratio("compile_ro_masked_fused", "compile_ro_unmasked", 1.0, 1.0),
+    }))  # fmt: skip
+    timing = CallTiming(10.0, 9.0, 3, 20, "cuda-graph")
+
+    def shape(triton: float) -> AttentionShape:
+        row = AttentionShape([2, 20, 1024, 77, 64], "float16", 0.3)
+        row.impls = {"sdpa": ImplResult("ok", timing=timing),
+                     "triton": ImplResult("ok", timing=timing, correct=True, ratio_vs_sdpa=triton),
+                     "flex": ImplResult("failed", error="RuntimeError: no")}  # fmt: skip
+        return row
+
+    results.parts.attention = Part("ok", data=AttentionData("m", [shape(1.1), shape(1.2)]))
+    flips = GateFlips("fp16", 1000, 0, 0, 3, 0.0, 0.05, {"a": 0})
+    results.parts.gate_head = Part("ok", data=GateHeadData("sdxl", 50, 2, flips))
+    v = verdict(results)
+    t = v.targets
+    assert (t["unet_graph"].measured, t["unet_graph"].met) == (1.025, True)
+    assert "best fused" in t["unet_graph"].detail and "op 1.000" in t["unet_graph"].detail
+    assert (t["unet_compile"].measured, t["unet_compile"].met) == (1.05, False)  # median
+    assert t["unet_compile_ro"].measured == 1.0 and t["unet_compile_ro"].met is True
+    assert (t["attention_triton"].measured, t["attention_triton"].met) == (1.2, False)
+    assert t["attention_flex"].measured is None and t["attention_flex"].met is None
+    assert (t["gate_head_flips"].measured, t["gate_head_flips"].met) == (0, True)
+    assert t["kernel_copy_fraction"].met is None  # not measured
+    # A failed implementation is listed and makes the run not ok; correctness stands.
+    assert v.failed == ["attention.[2, 20, 1024, 77, 64].flex"] * 2 and v.ok is False
+    assert v.attention_correct is True
 
 
 @pytest.mark.gpu

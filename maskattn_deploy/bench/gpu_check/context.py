@@ -24,17 +24,19 @@ Echo = Callable[[str], None]
 class Recorder:
     """Holds the results and rewrites results.json / results.md after every step."""
 
-    def __init__(self, out_dir: Path, results: CheckResults, echo: Echo) -> None:
+    def __init__(
+        self, out_dir: Path, results: CheckResults, echo: Echo,
+        render: Callable[[CheckResults], str],
+    ) -> None:  # fmt: skip
         self.out_dir = out_dir
         self.results = results
         self.echo = echo
+        self.render = render  # results -> results.md
 
     def save(self) -> None:
-        from maskattn_deploy.bench.gpu_check.report import render_markdown
-
         write_json_atomic(self.out_dir / "results.json", to_json(self.results))
         with atomic_path(self.out_dir / "results.md") as tmp:
-            tmp.write_text(render_markdown(self.results))
+            tmp.write_text(self.render(self.results))
 
     def run_part(
         self, name: str, fn: Callable[[Part[Any]], None], budget: Budget, estimate_s: float
@@ -86,9 +88,9 @@ class RunContext:
     kernel: Any = None
     kernel_missing: str | None = None
     kernel_path: str = ""
-    tiling: Any = None  # the tuning sweep's winner (rows, num_warps, heads) at BLOCK_T 128
-    compile_s: float = 0.0  # longest first (compiling) call so far: the next compile's estimate
+    compiles_s: list[float] = field(default_factory=list)  # first (compiling) calls so far
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # last output per variant
+    model: Any = None  # the UNet the gate_head and unet parts share (model.Model)
 
     def l2_bytes(self) -> int:
         if self.device.type != "cuda":

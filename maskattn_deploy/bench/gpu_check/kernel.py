@@ -1,11 +1,10 @@
-"""The ``kernel`` part: the Triton masked softmax against the oracle, its tiling sweep, its speed.
+"""The ``kernel`` part: the Triton masked softmax against the oracle, and its speed.
 
-First a tiling sweep (each ``(ROWS, num_warps, HEADS)`` of the kernel's ``TUNING_CANDIDATES``,
-checked on the t = 77 cases and timed; the fastest correct one is passed explicitly to the
-kernel checks and timings that follow), then the kernel against the reference oracle on every case of docs/design.md section 3.3
-(exact zero pattern, max abs diff within fp32 1e-6 / fp16 2e-3, poisoned output buffers), then
-its time at the SDXL shapes next to a device-to-device copy of the same bytes and the torch
-reference.
+The kernel (default tiling) against the reference oracle on every case of docs/design.md
+section 3.3 (exact zero pattern, max abs diff within fp32 1e-6 / fp16 2e-3, poisoned output
+buffers), then its time at the SDXL shapes next to a device-to-device copy of the same bytes and
+the torch reference, and what bounds it (:class:`Boundness`). Its tiling sweep and compiler
+resource report come last in the run, in the ``tuning`` part (:mod:`.tuning`).
 
 Bytes, defined once for the kernel and its copy baseline: ``B = bytes(S) + bytes(G) +
 bytes(P)``, the least traffic of one masked softmax (each input read once, the output written
@@ -19,7 +18,6 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +28,7 @@ import torch
 from maskattn_deploy.bench.gpu_check.context import RunContext
 from maskattn_deploy.bench.gpu_check.plan import TARGET_COPY_FRACTION, Plan
 from maskattn_deploy.bench.gpu_check.results import (
+    Boundness,
     CallTiming,
     CaseResult,
     CopyCeiling,
@@ -37,8 +36,6 @@ from maskattn_deploy.bench.gpu_check.results import (
     KernelData,
     KernelTiming,
     Part,
-    TilingCandidate,
-    Tuning,
 )
 from maskattn_deploy.bench.gpu_check.timing import Timer
 
@@ -47,7 +44,8 @@ ATOL = {"float32": 1e-6, "float16": 2e-3}
 POISON = 123.0  # never a probability: any survivor in P is an unwritten element
 KERNEL_MODULE = "maskattn_deploy.plugins.masked_softmax_triton"
 Shape = tuple[int, int, int, int]
-TUNED_BLOCK_T = 128  # the sweep times t = 77, padded to 128; other lengths keep the default
+Tiling = tuple[int, int, int]  # (ROWS, num_warps, HEADS)
+BLOCK_T_77 = 128  # t = 77 padded: the block every timing shape and the sweep use
 
 
 def ensure_plugins_importable() -> None:
@@ -174,38 +172,25 @@ def check_output(
     return checks, max_abs
 
 
-def tiling_for(kernel: Any, tiling: Any, t: int) -> Any:
-    """The tuned tiling for rows of length ``t`` (None: the kernel's default)."""
-    if tiling is None or kernel.padded_t(t) != TUNED_BLOCK_T:
-        return None
-    return tiling
-
-
 def kernel_correctness(
-    kernel: Any,
-    device: torch.device,
-    plan: Plan,
-    seed: int,
-    only_t: int | None = None,
-    tiling: Any = None,
-) -> Correctness:
+    kernel: Any, device: torch.device, plan: Plan, seed: int, only_t: int | None = None,
+    tiling: Tiling | None = None,
+) -> Correctness:  # fmt: skip
     """Every case (or those with ``t == only_t``) in fp32 and fp16 against the reference.
 
-    ``tiling`` (rows, num_warps, heads) is passed to the launches with BLOCK_T 128.
+    ``tiling`` (ROWS, num_warps, HEADS) is passed to every launch (default: the kernel's own).
     """
     results = []
     for case in kernel_cases(plan.case_tokens, seed):
-        t = case.S.shape[-1]
-        if only_t is not None and t != only_t:
+        if only_t is not None and case.S.shape[-1] != only_t:
             continue
         for dtype in (torch.float32, torch.float16):
             S = case.S.to(dtype)
             G = case.G.to(dtype) if case.gate_like_logits else case.G
             out = torch.full(S.shape, case.poison, dtype=dtype, device=device)
             got = kernel.masked_softmax_triton(
-                S.to(device), G.to(device), case.threshold, out=out,
-                tiling=tiling_for(kernel, tiling, t),
-            )  # fmt: skip
+                S.to(device), G.to(device), case.threshold, out=out, tiling=tiling
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             wrote = got.data_ptr() == out.data_ptr()
@@ -235,7 +220,22 @@ def _rate(stats: CallTiming, nbytes: int) -> CallTiming:
     return replace(stats, gbps=nbytes / (stats.median_us * 1e-6) / 1e9)
 
 
-def _kernel_inputs(
+def shape_bytes(shape: Shape, dtype: torch.dtype) -> tuple[int, int]:
+    """``(bytes of S, bytes of G)`` for logits of ``shape`` in ``dtype`` and fp32 gates."""
+    b, h, n, t = shape
+    return b * h * n * t * torch.empty((), dtype=dtype).element_size(), b * n * t * 4
+
+
+def rotated_inputs(
+    shape: Shape, dtype: torch.dtype, device: torch.device, plan: Plan, l2_bytes: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The input sets a timing at ``shape`` rotates through (enough to exceed the L2)."""
+    s_bytes, g_bytes = shape_bytes(shape, dtype)
+    sets = _sets_for(2 * s_bytes + g_bytes, l2_bytes, plan.rotate_l2_factor)
+    return kernel_inputs(shape, dtype, device, sets)
+
+
+def kernel_inputs(
     shape: Shape, dtype: torch.dtype, device: torch.device, sets: int
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``sets`` independent (S, G, poisoned P) triples: rotating them defeats the L2."""
@@ -248,32 +248,31 @@ def _kernel_inputs(
     return data
 
 
+def kernel_calls(kernel: Any, data: list, tiling: Tiling | None = None) -> list:
+    """One launch per input set (S, G, P), writing into P; ``tiling`` passed explicitly."""
+    return [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2], tiling=tiling)
+            for d in data]  # fmt: skip
+
+
 def time_kernel_shape(
     kernel: Any, shape: Shape, dtype: str, device: torch.device, plan: Plan, timer: Timer,
-    l2_bytes: int, tiling: Any = None,
+    l2_bytes: int,
 ) -> KernelTiming:  # fmt: skip
     """Kernel vs a copy of the same bytes vs the torch reference at one shape and dtype."""
     from maskattn_deploy.ops.reference import masked_softmax_reference
 
-    b, h, n, t = shape
     torch_dtype = getattr(torch, dtype)
-    elem = torch.empty((), dtype=torch_dtype).element_size()
-    s_bytes, g_bytes = b * h * n * t * elem, b * n * t * 4
+    s_bytes, g_bytes = shape_bytes(shape, torch_dtype)
     nbytes = 2 * s_bytes + g_bytes  # S read + G read + P write
     sets = _sets_for(nbytes, l2_bytes, plan.rotate_l2_factor)
-    data = _kernel_inputs(shape, torch_dtype, device, sets)
+    data = kernel_inputs(shape, torch_dtype, device, sets)
     copies = [
         (torch.randint(1, 255, (nbytes // 2,), dtype=torch.uint8, device=device),
          torch.empty(nbytes // 2, dtype=torch.uint8, device=device))
         for _ in range(sets)
     ]  # fmt: skip
     inner, samples = plan.kernel_inner, plan.kernel_samples
-    tiling = tiling_for(kernel, tiling, t)
-    k = timer.per_call_us(
-        [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2], tiling=tiling)
-         for d in data],
-        inner, samples,
-    )  # fmt: skip
+    k = timer.per_call_us(kernel_calls(kernel, data), inner, samples)
     c = timer.per_call_us([lambda p=p: p[1].copy_(p[0]) for p in copies], inner, samples)
     r = timer.per_call_us(
         [lambda d=d: masked_softmax_reference(d[0], d[1], 0.0) for d in data], inner, samples
@@ -298,56 +297,6 @@ def copy_ceiling(device: torch.device, plan: Plan, timer: Timer) -> CopyCeiling:
     return CopyCeiling(2 * half, _rate(stats, 2 * half))
 
 
-# --------------------------------------------------------------------------- tiling sweep
-
-
-def tune_tiling(ctx: RunContext) -> Tuning:
-    """Time each candidate tiling (ROWS, num_warps, HEADS) at t = 77 and keep the fastest.
-
-    A candidate counts only if it passes every t = 77 correctness case. The winner is stored
-    in ``ctx.tiling`` and passed explicitly to the later kernel checks and timings; the UNet
-    runs keep the kernel's default tiling (nothing global changes, so neither do later engine
-    builds: pass the winner to ``build --kernel-tiling``). The criterion is the geometric mean
-    of its median times over the timing shapes and dtypes.
-    """
-    kernel, plan = ctx.kernel, ctx.plan
-    candidates = tuple(getattr(kernel, "TUNING_CANDIDATES", ()))[: plan.tuning_candidates]
-    if not candidates:
-        return Tuning("skipped", reason="the kernel module has no tuning candidates")
-    rows = [_time_tiling(ctx, tiling) for tiling in candidates]
-    result = Tuning("ok", default=list(kernel.launch_config(TUNED_BLOCK_T)), candidates=rows,
-                    criterion="geometric mean of median us over the timing shapes and dtypes")  # fmt: skip
-    good = [r for r in rows if r.correct]
-    if good:
-        best = min(good, key=lambda r: r.geomean_us)
-        ctx.tiling = (best.rows, best.num_warps, best.heads)
-        result.chosen = [best.rows, best.num_warps, best.heads]
-        ctx.echo(f"  tiling chosen: rows={best.rows} warps={best.num_warps} heads={best.heads}")
-    return result
-
-
-def _time_tiling(ctx: RunContext, tiling: tuple[int, int, int]) -> TilingCandidate:
-    """One candidate: correct on the t = 77 cases? Median us at each timing shape and dtype."""
-    kernel, plan = ctx.kernel, ctx.plan
-    correct = kernel_correctness(kernel, ctx.device, plan, ctx.config.seed, 77, tiling)
-    times = {}
-    for shape in plan.timing_shapes:
-        for dtype in plan.timing_dtypes:
-            data = _kernel_inputs(shape, getattr(torch, dtype), ctx.device, 2)
-            calls = [lambda d=d: kernel.masked_softmax_triton(d[0], d[1], 0.0, out=d[2],
-                                                               tiling=tiling)
-                     for d in data]  # fmt: skip
-            stats = ctx.timer.per_call_us(calls, plan.kernel_inner, plan.tuning_samples)
-            times[f"{list(shape)} {dtype}"] = stats.median_us
-    geo = math.exp(statistics.fmean(math.log(v) for v in times.values()))
-    row = TilingCandidate(tiling[0], tiling[1], tiling[2], correct.all_pass, correct.failed,
-                          times, geo)  # fmt: skip
-    outcome = "ok" if row.correct else "WRONG: " + ", ".join(row.failed)
-    ctx.echo(f"  tiling rows={tiling[0]:<3} warps={tiling[1]} heads={tiling[2]:<2}: "
-             f"geomean {geo:.2f} us ({outcome})")  # fmt: skip
-    return row
-
-
 # --------------------------------------------------------------------------- the part
 
 
@@ -355,14 +304,11 @@ def kernel_part(part: Part[KernelData], ctx: RunContext) -> None:
     if ctx.kernel is None:
         part.status, part.reason = "skipped", ctx.kernel_missing
         return
-    data = part.data = KernelData(module=ctx.kernel.__name__)
-    data.tuning = tune_tiling(ctx)
-    if data.tuning.status == "ok":
-        data.tiling = list(ctx.tiling or ctx.kernel.launch_config(TUNED_BLOCK_T))
-    ctx.save()
-    data.correctness = kernel_correctness(
-        ctx.kernel, ctx.device, ctx.plan, ctx.config.seed, tiling=ctx.tiling
+    default = getattr(ctx.kernel, "launch_config", None)
+    data = part.data = KernelData(
+        ctx.kernel.__name__, list(default(BLOCK_T_77)) if default else None
     )
+    data.correctness = kernel_correctness(ctx.kernel, ctx.device, ctx.plan, ctx.config.seed)
     ctx.save()
     l2 = ctx.l2_bytes()
     data.copy_ceiling = copy_ceiling(ctx.device, ctx.plan, ctx.timer)
@@ -370,13 +316,12 @@ def kernel_part(part: Part[KernelData], ctx: RunContext) -> None:
     data.timing = []
     for shape in ctx.plan.timing_shapes:
         for dtype in ctx.plan.timing_dtypes:
-            row = time_kernel_shape(
-                ctx.kernel, shape, dtype, ctx.device, ctx.plan, ctx.timer, l2, ctx.tiling
-            )
+            row = time_kernel_shape(ctx.kernel, shape, dtype, ctx.device, ctx.plan, ctx.timer, l2)
             row.floor_us = row.bytes / (ceiling_gbps * 1e9) * 1e6
             data.timing.append(row)
             ctx.echo(kernel_line(row))
             ctx.save()
+    data.boundness = boundness(data.timing)
     if not data.correctness.all_pass:
         part.status, part.error = "failed", f"kernel mismatches: {data.correctness.failed}"
 
@@ -388,3 +333,24 @@ def kernel_line(row: KernelTiming) -> str:
         f"({row.copy.gbps:.0f} GB/s), reference {row.reference.median_us:.2f} us; "
         f"{100 * row.fraction_of_copy:.0f}% of copy"
     )
+
+
+def boundness(rows: list[KernelTiming]) -> list[Boundness]:
+    """Per shape timed in both fp16 and fp32: bytes-bound or rows/latency-bound.
+
+    fp32 moves ``bytes_ratio`` (about 1.9) times the bytes of fp16; a kernel bound by bytes
+    takes about that much longer, one bound by per-row work or latency about as long. The
+    verdict uses the midpoint between 1 and ``bytes_ratio``.
+    """
+    by_shape: dict[str, dict[str, KernelTiming]] = {}
+    for row in rows:
+        by_shape.setdefault(str(row.shape), {})[row.dtype] = row
+    found = []
+    for pair in by_shape.values():
+        if "float16" in pair and "float32" in pair:
+            half, full = pair["float16"], pair["float32"]
+            time_ratio = full.kernel.median_us / half.kernel.median_us
+            bytes_ratio = full.bytes / half.bytes
+            bound = "bytes" if time_ratio >= (1 + bytes_ratio) / 2 else "rows/latency"
+            found.append(Boundness(half.shape, time_ratio, bytes_ratio, bound))
+    return found

@@ -5,6 +5,19 @@ Two plans run the same code: :data:`GPU_PLAN` at the full SDXL sizes on a lent c
 paths matter. A :class:`Budget` turns the run's wall-clock limit into skip decisions: each part
 and each expensive variant states an estimate and is skipped, with the reason recorded, when
 less time is left.
+
+The GPU plan's estimates (seconds, from the H200 runs of 2026-11-27) add up to about 450 s::
+
+    environment 0 | kernel ~20 | attention ~40 | gate_head ~25 (builds the UNet)
+    unet: eager + CUDA graphs + profile ~50, compile default pair ~130 + ~60,
+          compile reduce-overhead pair ~2 x 60, then extras (compiled flex and op, ~60
+          each) only while ~60 s stay for tuning
+    tuning: what is left, ~10 s per tiling (the masked-softmax sweep first, the compiler
+          resource report, then the fused kernel's sweep)
+
+The first ``torch.compile`` of the SDXL UNet took 87-145 s; a later compile of a variant that
+shares most kernels took 17 s (Triton's kernel cache), so compiles after the first are
+estimated at ``recompile`` (or 1.1x the longest later compile so far).
 """
 
 from __future__ import annotations
@@ -13,10 +26,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-SCHEMA = "maskattn-gpu-check-v1"
-TARGET_COPY_FRACTION = 0.70  # kernel >= 70% of copy bandwidth (benchmarks/README.md)
-TARGET_UNET_RATIO = 1.03  # masked / unmasked UNet step on the kernel path (benchmarks/README.md)
-PARTS = ("environment", "kernel", "unet")
+SCHEMA = "maskattn-gpu-check-v2"
+# Targets (benchmarks/README.md, "Targets").
+TARGET_COPY_FRACTION = 0.70  # masked-softmax kernel >= 70% of copy bandwidth
+TARGET_UNET_RATIO = 1.03  # masked / unmasked UNet step, CUDA-graph and compiled paths
+TARGET_ATTENTION_RATIO = 1.15  # fused gated attention / SDPA on the same unmasked shapes
+TARGET_GATE_FLIPS = 0  # activation-dtype latent MLP vs the fp32 head: flips allowed
+PARTS = ("environment", "kernel", "attention", "gate_head", "unet", "tuning")
 CFG_BATCH = 2  # classifier-free guidance: unconditional + conditional
 BYTE_DEFINITION = (
     "B = bytes(S) + bytes(G) + bytes(P); the copy baseline copies B/2 "
@@ -43,9 +59,16 @@ class Plan:
     unet_samples: int
     variant_cap_s: float  # stop sampling a UNet variant after this long (>= 2 samples)
     paired_samples: int  # interleaved masked/unmasked step pairs per eager masked variant
-    compile_backend: str
-    tuning_candidates: int  # how many of the kernel's TUNING_CANDIDATES tilings to time
+    compile_backend: str  # "inductor" honours the variants' compile modes
+    tuning_candidates: int  # how many of each kernel's TUNING_CANDIDATES tilings to time
     tuning_samples: int
+    # Fused gated attention vs SDPA: (b, h, n, t, d) per shape, the dtype, timing repeats.
+    attention_shapes: tuple[tuple[int, int, int, int, int], ...] = ()
+    attention_dtype: str = "float16"
+    attention_inner: int = 20
+    attention_samples: int = 30
+    flip_dtype: str = "float16"  # UNet dtype of the gate-flip count
+    resource_arch: int | None = None  # compiler resource report's sm (None: the card's)
     cpu_threads: int | None = None  # torch threads (None: leave torch's default)
     left_out: tuple[str, ...] = ()  # UNet variants this plan does not run
     estimate_s: dict[str, float] = field(default_factory=dict)
@@ -70,11 +93,15 @@ GPU_PLAN = Plan(
     compile_backend="inductor",
     tuning_candidates=99,  # all
     tuning_samples=20,
-    # Seen on an H200 (2026-11-27): kernel part 90 s with 10 tilings, first compiles of the
-    # SDXL UNet 87-128 s. An estimate of 150 s would reserve 300 s for a compile pair that
-    # takes about 145 s, and skip it with less time left than that.
-    estimate_s={"kernel": 60, "unet": 45, "eager": 15, "compile": 130},
-)
+    # SDXL's gated cross-attention: mid stage (the default gates, 1024 tokens, 20 heads) and
+    # high stage (4096 tokens, 10 heads); 64-wide heads, 77 text tokens, CFG batch 2.
+    attention_shapes=((2, 20, 1024, 77, 64), (2, 10, 4096, 77, 64)),
+    # Seen on an H200 (2026-11-27): kernel part 90 s with 10 tilings (now in ``tuning``),
+    # SDXL UNet built in 15 s, first compiles 87-145 s, a later compile 17 s.
+    estimate_s={"kernel": 20, "attention": 40, "gate_head": 25, "unet": 30, "eager": 5,
+                "graph": 8, "profile": 15, "compile": 130, "recompile": 60, "tuning": 10,
+                "tuning_reserve": 60},
+)  # fmt: skip
 DRY_PLAN = Plan(
     name="dry-run",
     case_tokens=5,
@@ -94,11 +121,19 @@ DRY_PLAN = Plan(
     compile_backend="eager",  # dynamo tracing without C++/Triton code generation on the CPU
     tuning_candidates=2,  # the interpreter is slow: enough to keep the code path alive
     tuning_samples=2,
+    attention_shapes=((1, 2, 16, 77, 64), (1, 2, 8, 5, 80)),
+    attention_dtype="float32",  # CPU: fp16 matmuls are slow and not what a GPU runs
+    attention_inner=1,
+    attention_samples=2,
+    resource_arch=90,  # no card: the report compiles for sm_90 (no GPU needed)
     cpu_threads=1,  # one thread: shared CI cores make multi-threaded barriers stall for seconds
-    # Same code as their kernel twins; each extra variant costs CI seconds.
-    left_out=("compile_masked_sdpa", "graph_masked_sdpa"),
-    estimate_s={"kernel": 10, "unet": 5, "eager": 3, "compile": 15},
-)
+    # Same code as the variants that run; each extra variant costs CI seconds.
+    left_out=("graph_masked_sdpa", "graph_masked_op", "compile_masked_flex",
+              "compile_masked_op"),
+    estimate_s={"kernel": 5, "attention": 5, "gate_head": 5, "unet": 5, "eager": 3,
+                "graph": 3, "profile": 3, "compile": 15, "recompile": 15, "tuning": 2,
+                "tuning_reserve": 5},
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -9,17 +9,16 @@ from typing import Any
 from maskattn_deploy.bench.gpu_check.context import RunContext
 from maskattn_deploy.bench.gpu_check.results import Profile, ProfileRow, ProfileStep
 
-PROFILED = ("eager_unmasked", "eager_masked_kernel")
+PROFILED = ("eager_unmasked", "eager_masked_fused")
 PROFILE_TOP = 25
-PROFILE_ESTIMATE_S = 20.0
 
 
 def profile_part(
     ctx: RunContext, steps: dict[str, Callable[[], Callable[[], Any]]], kernel_ok: bool | None
 ) -> Profile:
-    """The top kernels of one step of each variant in ``steps`` (name -> a function that sets
-    the model up for that variant and returns its step); a failure is recorded, not raised."""
-    reason = ctx.budget.skip_reason("profile", PROFILE_ESTIMATE_S)
+    """The top kernels of one step of each variant in ``steps`` (name -> a function that builds
+    that variant's step); a failure is recorded, not raised."""
+    reason = ctx.budget.skip_reason("profile", ctx.plan.estimate_s["profile"])
     if reason is not None or kernel_ok is False:
         return Profile("skipped", reason=reason or ctx.kernel_path)
     result = Profile("ok", top=PROFILE_TOP, variants={})

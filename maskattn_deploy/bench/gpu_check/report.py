@@ -1,62 +1,24 @@
-"""The verdict on the targets, ``results.md`` (the human-readable twin of results.json) and the
-short summary printed last (a lent machine's reply carries only the tail of the output)."""
+"""``results.md`` (the human-readable twin of results.json) and the short summary printed last
+(a lent machine's reply carries only the tail of the output)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from maskattn_deploy.bench.gpu_check.kernel import ATOL, kernel_line
-from maskattn_deploy.bench.gpu_check.plan import PARTS, TARGET_COPY_FRACTION, TARGET_UNET_RATIO
+from maskattn_deploy.bench.gpu_check.plan import PARTS
 from maskattn_deploy.bench.gpu_check.results import (
+    AttentionData,
     CheckResults,
     Environment,
+    GateHeadData,
     KernelData,
     Profile,
+    Sweep,
+    TuningData,
     UNetData,
     Verdict,
-    to_json,
 )
-
-# --------------------------------------------------------------------------- verdict
-
-
-def verdict(results: CheckResults) -> Verdict:
-    """Targets met or missed (None where not measured or on the dry run) and failed parts."""
-    parts = results.parts
-    kernel = parts.kernel.data if parts.kernel else None
-    unet = parts.unet.data if parts.unet else None
-    correctness = kernel.correctness.all_pass if kernel and kernel.correctness else None
-    fractions = [row.fraction_of_copy for row in (kernel.timing or [])] if kernel else []
-    ratios = {path: _kernel_ratio(unet, path) for path in ("eager", "graph", "compile")}
-    # Judged on the path a deployment runs: compiled, else CUDA graph, else eager.
-    target_path = next((p for p in ("compile", "graph", "eager") if ratios[p]), None)
-    ratio = ratios[target_path] if target_path else None
-    real = not results.dry_run
-    failed = [name for name, p in parts.items() if p.status == "failed"]
-    if unet:
-        failed += [f"unet.{n}" for n, v in unet.variants.items() if v.status == "failed"]
-    return Verdict(
-        kernel_correct=correctness,
-        kernel_min_copy_fraction=min(fractions) if fractions else None,
-        kernel_meets_target=(min(fractions) >= TARGET_COPY_FRACTION) if real and fractions else None,
-        unet_ratio_eager_kernel=ratios["eager"],
-        unet_ratio_graph_kernel=ratios["graph"],
-        unet_ratio_compile_kernel=ratios["compile"],
-        unet_target_path=target_path,
-        unet_meets_target=(ratio <= TARGET_UNET_RATIO) if real and ratio else None,
-        failed=failed,
-        ok=not failed and correctness is not False,
-        note="dry run: CPU timings say nothing about a GPU; targets are judged on a GPU only"
-        if not real else "",
-    )  # fmt: skip
-
-
-def _kernel_ratio(unet: UNetData | None, path: str) -> float | None:
-    """masked/unmasked of the kernel path: from interleaved pairs where they ran."""
-    r = unet.ratios.get(f"{path}_kernel") if unet else None
-    return (r.ratio_paired or r.ratio_median) if r else None
-
 
 # --------------------------------------------------------------------------- Markdown
 
@@ -64,6 +26,8 @@ def _kernel_ratio(unet: UNetData | None, path: str) -> float | None:
 def _fmt(value: Any, spec: str = ".2f") -> str:
     if value is None:
         return "-"
+    if isinstance(value, bool):
+        return str(value)
     return format(value, spec) if isinstance(value, int | float) else str(value)
 
 
@@ -97,9 +61,10 @@ def _kernel_md(kernel: KernelData) -> list[str]:
             f"fp16 {worst['float16']:.2e} <= {ATOL['float16']:.0e})"
             + (f"; failed: {', '.join(corr.failed)}" if corr.failed else "")
         )
-    lines += _tuning_md(kernel)
+    lines += ["", f"Tiling {kernel.tiling} (the kernel's default; the sweep is in Tuning)"]
     if kernel.copy_ceiling:
         ceiling = kernel.copy_ceiling
+        lines.append("")
         lines.append(f"Copy ceiling: {ceiling.timing.gbps:.0f} GB/s "
                      f"({ceiling.bytes / 1e6:.0f} MB, read + write)")  # fmt: skip
     if kernel.timing:
@@ -114,23 +79,88 @@ def _kernel_md(kernel: KernelData) -> list[str]:
                 f"{100 * r.fraction_of_copy:.0f}% | {r.reference.median_us:.2f} | "
                 f"{r.speedup_vs_reference:.1f}x | {_fmt(r.floor_us)} |"
             )
+    for b in kernel.boundness or []:
+        lines.append(f"\n{b.shape}: fp32 takes {b.dtype_time_ratio:.2f}x the fp16 time for "
+                     f"{b.bytes_ratio:.2f}x the bytes: {b.bound}-bound")  # fmt: skip
     return lines
 
 
-def _tuning_md(kernel: KernelData) -> list[str]:
-    tuning = kernel.tuning
-    if not tuning or not tuning.candidates:
+def _sweep_md(title: str, sweep: Sweep | None, keys_of: str) -> list[str]:
+    if not sweep:
         return []
-    keys = list(tuning.candidates[0].median_us)
-    lines = ["", f"Tiling (ROWS, num_warps, HEADS) at t = 77, median us per call; default "
-             f"{tuning.default}, chosen {tuning.chosen} ({tuning.criterion}):",
-             "", "| rows | warps | heads | correct | " + " | ".join(keys) + " | geomean |",
+    head = f"{title}: {sweep.status}" + (f" ({sweep.reason})" if sweep.reason else "")
+    if not sweep.candidates:
+        return ["", head]
+    keys = list(sweep.candidates[0].median_us) or ["-"]
+    lines = ["", f"{head}; default {_fmt(sweep.default)}, chosen {_fmt(sweep.chosen)} "
+             f"({sweep.criterion}); median us per call:", "",
+             f"| {keys_of} | warps | heads | correct | " + " | ".join(keys) + " | geomean |",
              "| ---: | ---: | ---: | --- |" + " ---: |" * (len(keys) + 1)]  # fmt: skip
-    for c in tuning.candidates:
-        cells = " | ".join(f"{c.median_us[k]:.2f}" for k in keys)
-        lines.append(f"| {c.rows} | {c.num_warps} | {c.heads} | {c.correct} | {cells} | "
-                     f"{c.geomean_us:.2f} |")  # fmt: skip
-    return [*lines, ""]
+    for c in sweep.candidates:
+        first = getattr(c, "rows", getattr(c, "block_n", None))
+        cells = " | ".join(_fmt(c.median_us.get(k)) for k in keys)
+        lines.append(f"| {first} | {c.num_warps} | {c.heads} | {c.correct} | {cells} | "
+                     f"{_fmt(c.geomean_us)} |")  # fmt: skip
+    if sweep.chosen_fraction_of_copy:
+        fractions = ", ".join(
+            f"{k}: {100 * v:.0f} %" for k, v in sweep.chosen_fraction_of_copy.items()
+        )
+        lines += ["", f"Chosen tiling's fraction of copy bandwidth: {fractions}"]
+    return lines
+
+
+def _tuning_md(tuning: TuningData) -> list[str]:
+    lines = _sweep_md("Masked softmax, (ROWS, num_warps, HEADS) at t = 77", tuning.masked_softmax,
+                      "rows")  # fmt: skip
+    lines += _sweep_md("Fused gated attention, (BLOCK_N, num_warps, HEADS; 0 = all)",
+                       tuning.gated_attention, "block_n")  # fmt: skip
+    if tuning.resources_error:
+        lines += ["", f"Compiler resource report failed: {tuning.resources_error}"]
+    if tuning.resources:
+        lines += ["", "Compiler resource report (fp16, t = 77, d = 64):", "",
+                  "| kernel | tiling | sm | registers | spills st/ld B | shared B | programs/SM |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for r in tuning.resources:
+            lines.append(f"| {r.kernel} | {r.tiling} | {r.arch} | {r.registers} | "
+                         f"{r.spill_stores}/{r.spill_loads} | {r.shared_mem} | "
+                         f"{r.programs_per_sm} |")  # fmt: skip
+    return lines
+
+
+def _attention_md(data: AttentionData) -> list[str]:
+    lines = ["| shape [b, h, n, t, d] | dtype | open | impl | status | median us | vs SDPA | "
+             "max abs diff | first call s |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for s in data.shapes:
+        for impl, r in s.impls.items():
+            status = r.status + (f": {r.error.splitlines()[0]}" if r.error else "")
+            median = r.timing.median_us if r.timing else None
+            lines.append(f"| {s.shape} | {s.dtype} | {s.open_fraction:.2f} | {impl} | {status} | "
+                         f"{_fmt(median)} | {_fmt(r.ratio_vs_sdpa)} | {_fmt(r.max_abs_diff, '.1e')} | "
+                         f"{_fmt(r.first_call_s, '.1f')} |")  # fmt: skip
+    return lines
+
+
+def _gate_head_md(data: GateHeadData) -> list[str]:
+    f = data.flips
+    head = f"Model {data.model}, {data.layers} gated layers, {data.heads} gate head(s)"
+    if f is None:
+        return [head]
+    return [head, "", f"Activation-dtype latent MLP vs the fp32 head on a {f.dtype} UNet: "
+            f"{f.flips} of {f.entries} gate entries flipped, {f.tolerated} within parity's "
+            f"margin {f.margin:g}; {f.near_threshold} reference gates that near the threshold; "
+            f"largest flipped |g - threshold| {f.max_flip_distance:.3g}"]  # fmt: skip
+
+
+def _verdict_md(v: Verdict) -> list[str]:
+    lines = ["| target | limit | measured | met | detail |", "| --- | ---: | ---: | --- | --- |"]
+    for name, t in v.targets.items():
+        lines.append(f"| {name} | {t.limit:g} | {_fmt(t.measured, '.3f')} | {_fmt(t.met)} | "
+                     f"{t.detail.replace('|', '/')} |")  # fmt: skip
+    lines += ["", f"kernel correct: {_fmt(v.kernel_correct)}; attention correct: "
+              f"{_fmt(v.attention_correct)}; failed: {', '.join(v.failed) or 'none'}; "
+              f"ok: {v.ok}" + (f"; {v.note}" if v.note else "")]  # fmt: skip
+    return lines
 
 
 def _unet_md(unet: UNetData) -> list[str]:
@@ -141,8 +171,8 @@ def _unet_md(unet: UNetData) -> list[str]:
         f"{inputs}, built in {_fmt(unet.build_s, '.1f')} s; kernel path: "
         f"{_fmt(unet.kernel_path)}; compile backend {unet.compile_backend}",
         "",
-        "| variant | status | median ms | min ms | samples | first call s | peak GiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | status | median ms | min ms | samples | first call s | peak GiB | compiled |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, v in unet.variants.items():
         t = v.timing
@@ -150,7 +180,8 @@ def _unet_md(unet: UNetData) -> list[str]:
         lines.append(
             f"| {name} | {v.status}{': ' + v.reason if v.reason else ''} | "
             f"{_fmt(t and t.median_ms)} | {_fmt(t and t.min_ms)} | {_fmt(t and t.samples, 'd')} | "
-            f"{_fmt(t and t.first_call_s, '.1f')} | {_fmt(mem / 2**30 if mem else None)} |"
+            f"{_fmt(t and t.first_call_s, '.1f')} | {_fmt(mem / 2**30 if mem else None)} | "
+            f"{_fmt(t and t.compiled_with)} |"
         )
     if unet.ratios:
         lines += ["", "| path | masked / unmasked (median) | (min) | (interleaved pairs) |",
@@ -195,13 +226,22 @@ def render_markdown(results: CheckResults) -> str:
             lines.append(f"| {name} | not reached | - |  |")
             continue
         lines.append(f"| {name} | {p.status} | {_fmt(p.elapsed_s, '.1f')} | {p.note} |")
-    if parts.kernel and parts.kernel.data and parts.kernel.status in ("ok", "failed"):
-        lines += ["", "## Kernel", ""] + _kernel_md(parts.kernel.data)
-    if parts.unet and parts.unet.data and parts.unet.data.variants:
-        lines += ["", "## UNet step (CFG batch 2)", ""] + _unet_md(parts.unet.data)
     if results.verdict is not None:
-        lines += ["", "## Verdict", "", "```", json.dumps(to_json(results.verdict), indent=2),
-                  "```"]  # fmt: skip
+        lines += ["", "## Verdict", ""] + _verdict_md(results.verdict)
+    sections = (
+        ("kernel", "Masked-softmax kernel", _kernel_md),
+        ("attention", "Fused gated attention vs SDPA", _attention_md),
+        ("gate_head", "Gate head precision", _gate_head_md),
+        ("unet", "UNet step (CFG batch 2)", _unet_md),
+        ("tuning", "Tuning", _tuning_md),
+    )
+    for name, title, render in sections:
+        part = getattr(parts, name)
+        if part is not None and part.data is not None:
+            body = render(part.data)
+            while body and body[0] == "":
+                body = body[1:]
+            lines += ["", f"## {title}", "", *body]
     return "\n".join(lines) + "\n"
 
 
@@ -215,12 +255,21 @@ def summary_text(results: CheckResults) -> str:
     kernel = results.parts.kernel.data if results.parts.kernel else None
     for row in (kernel.timing or []) if kernel else []:
         lines.append(kernel_line(row).strip())
+    attention = results.parts.attention.data if results.parts.attention else None
+    for s in attention.shapes if attention else []:
+        for impl, r in s.impls.items():
+            if impl != "sdpa":
+                lines.append(f"attention {s.shape} {impl}: {r.status}, "
+                             f"{_fmt(r.ratio_vs_sdpa)}x SDPA")  # fmt: skip
     unet = results.parts.unet.data if results.parts.unet else None
     for name, r in (unet.ratios if unet else {}).items():
         lines.append(
             f"unet ratio {name}: {r.ratio_median:.3f} (min {r.ratio_min:.3f}, "
             f"interleaved {_fmt(r.ratio_paired, '.3f')})"
         )
-    verdict_json = to_json(results.verdict) if results.verdict is not None else {}
-    lines.append("verdict: " + json.dumps(verdict_json, sort_keys=True))
+    v = results.verdict
+    for name, t in (v.targets if v else {}).items():
+        lines.append(f"target {name}: {_fmt(t.measured, '.3f')} vs {t.limit:g}, met {_fmt(t.met)}")
+    if v:
+        lines.append(f"ok {v.ok}; failed: {', '.join(v.failed) or 'none'}")
     return "\n".join(lines)

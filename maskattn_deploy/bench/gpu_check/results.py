@@ -142,16 +142,6 @@ class TilingCandidate:
 
 
 @dataclass
-class Tuning:
-    status: str  # ok | skipped
-    reason: str | None = None
-    default: list[int] | None = None
-    candidates: list[TilingCandidate] | None = None
-    criterion: str | None = None
-    chosen: list[int] | None = None
-
-
-@dataclass
 class CaseResult:
     case: str
     threshold: float
@@ -193,13 +183,136 @@ class KernelTiming:
 
 
 @dataclass
+class Boundness:
+    """Why the kernel is as fast as it is, from its own timings at one shape.
+
+    ``dtype_time_ratio`` is fp32 time / fp16 time: near 2 when the kernel is bound by bytes
+    (fp32 moves about twice the bytes), near 1 when per-row work or latency bounds it.
+    """
+
+    shape: list[int]
+    dtype_time_ratio: float
+    bytes_ratio: float
+    bound: str  # "bytes" | "rows/latency"
+
+
+@dataclass
 class KernelData:
     module: str
-    tuning: Tuning | None = None
-    tiling: list[int] | None = nullable()
+    tiling: list[int] | None = nullable()  # the tiling the timings ran with
     correctness: Correctness | None = None
     copy_ceiling: CopyCeiling | None = None
     timing: list[KernelTiming] | None = None
+    boundness: list[Boundness] | None = None
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@dataclass
+class ImplResult:
+    """One implementation of ``maskattn::gated_attention`` (or SDPA) at one shape."""
+
+    status: str  # ok | failed
+    error: str | None = None
+    timing: CallTiming | None = flattened()
+    max_abs_diff: float | None = None  # vs the reference in float64 (not for SDPA)
+    atol: float | None = None
+    correct: bool | None = None
+    ratio_vs_sdpa: float | None = None  # median time / SDPA's median time
+    first_call_s: float | None = None  # includes JIT or torch.compile
+
+
+@dataclass
+class AttentionShape:
+    shape: list[int]  # b, h, n, t, d
+    dtype: str
+    open_fraction: float
+    impls: dict[str, ImplResult] = field(default_factory=dict)  # sdpa, triton, flex
+
+
+@dataclass
+class AttentionData:
+    module: str | None
+    shapes: list[AttentionShape] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- gate head
+
+
+@dataclass
+class GateFlips:
+    """Gate flips of the activation-dtype latent MLP against the fp32 head (parity's gate
+    agreement: a flip within ``margin`` of the threshold is tolerated, the others count)."""
+
+    dtype: str
+    entries: int
+    flips: int
+    tolerated: int
+    near_threshold: int
+    max_flip_distance: float
+    margin: float
+    per_layer: dict[str, int]
+
+
+@dataclass
+class GateHeadData:
+    model: str
+    layers: int
+    heads: int
+    flips: GateFlips | None = None
+
+
+# --------------------------------------------------------------------------- tuning sweeps
+
+
+@dataclass
+class KernelResources:
+    """Compiler resource report of one tiling (``plugins/kernel_resources.py``)."""
+
+    kernel: str
+    tiling: str
+    arch: int
+    dtype: str
+    num_warps: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack_frame: int
+    shared_mem: int
+    programs_per_sm: int
+
+
+@dataclass
+class AttentionTilingCandidate:
+    block_n: int
+    num_warps: int
+    heads: int  # 0: all heads of the layer
+    correct: bool
+    median_us: dict[str, float]  # "<shape>" -> median us per call
+    geomean_us: float
+    error: str | None = None
+
+
+@dataclass
+class Sweep:
+    """One kernel's tiling sweep: every candidate checked and timed, the fastest correct one."""
+
+    status: str  # ok | skipped | partial (the budget ran out)
+    reason: str | None = None
+    default: list[int] | None = None
+    candidates: list[Any] | None = None  # TilingCandidate | AttentionTilingCandidate
+    criterion: str | None = None
+    chosen: list[int] | None = None
+    chosen_fraction_of_copy: dict[str, float] | None = None  # masked softmax: per timing row
+
+
+@dataclass
+class TuningData:
+    masked_softmax: Sweep | None = None
+    gated_attention: Sweep | None = None
+    resources: list[KernelResources] | None = None
+    resources_error: str | None = None
 
 
 # --------------------------------------------------------------------------- UNet
@@ -207,13 +320,20 @@ class KernelData:
 
 @dataclass(frozen=True)
 class Variant:
-    """One timed configuration of the UNet step."""
+    """One timed configuration of the UNet step.
+
+    ``impl``: ``stock`` (diffusers' AttnProcessor2_0, no gates) or the gated layers'
+    attention path: ``sdpa`` (-inf bias), ``reference`` (the oracle), ``op``
+    (``maskattn::masked_softmax``, Triton kernel), ``fused`` (``maskattn::gated_attention``,
+    Triton kernel) or ``flex`` (the same op with FlexAttention).
+    """
 
     name: str
     masked: bool
-    impl: str  # stock (AttnProcessor2_0) | sdpa (-inf bias) | reference (op) | kernel (op)
+    impl: str
     compiled: bool
     graphed: bool = False  # eager step captured once as a CUDA graph, timed by replays
+    compile_mode: str | None = None  # torch.compile mode: default | reduce-overhead
 
 
 @dataclass
@@ -225,6 +345,7 @@ class StepTiming:
     peak_memory_bytes: int | None = nullable()
     output_finite: bool = True
     method: str = ""  # cuda-graph | eager | perf_counter
+    compiled_with: str | None = None  # what torch.compile got (backend / mode)
 
 
 @dataclass
@@ -235,6 +356,7 @@ class PairedRatio:
     ratio_median: float
     ratio_min: float
     ratio_max: float
+    recompiles: int | None = None  # graphs dynamo compiled during the pairs (compiled paths)
 
 
 @dataclass
@@ -313,22 +435,32 @@ class UNetData:
 class Targets:
     kernel_copy_fraction_min: float
     unet_ratio_max: float
+    attention_ratio_max: float
+    gate_flips_max: int
+
+
+@dataclass
+class TargetResult:
+    """One target: the limit, what was measured (None: not measured) and whether it was met
+    (None on the dry run, whose timings mean nothing, and where nothing was measured)."""
+
+    KEEP_NONE = True
+
+    limit: float
+    measured: float | None
+    met: bool | None
+    detail: str
 
 
 @dataclass
 class Verdict:
-    """Targets met or missed (None where not measured or on the dry run) and failed parts."""
+    """Each target's result, correctness of the kernels, failed parts, overall ok."""
 
     KEEP_NONE = True
 
+    targets: dict[str, TargetResult]
     kernel_correct: bool | None
-    kernel_min_copy_fraction: float | None
-    kernel_meets_target: bool | None
-    unet_ratio_eager_kernel: float | None
-    unet_ratio_graph_kernel: float | None
-    unet_ratio_compile_kernel: float | None
-    unet_target_path: str | None
-    unet_meets_target: bool | None
+    attention_correct: bool | None
     failed: list[str]
     ok: bool
     note: str
@@ -338,7 +470,10 @@ class Verdict:
 class Parts:
     environment: Part[Environment] | None = None
     kernel: Part[KernelData] | None = None
+    attention: Part[AttentionData] | None = None
+    gate_head: Part[GateHeadData] | None = None
     unet: Part[UNetData] | None = None
+    tuning: Part[TuningData] | None = None
 
     def items(self) -> list[tuple[str, Part[Any]]]:
         """``(name, part)`` of the parts that started, in run order."""

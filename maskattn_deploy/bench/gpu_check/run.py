@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
+from maskattn_deploy.bench.gpu_check.attention import attention_part
 from maskattn_deploy.bench.gpu_check.context import Echo, Recorder, RunContext
+from maskattn_deploy.bench.gpu_check.gate_head import gate_head_part
 from maskattn_deploy.bench.gpu_check.kernel import (
     ensure_plugins_importable,
     kernel_part,
@@ -37,23 +39,28 @@ from maskattn_deploy.bench.gpu_check.kernel import (
 from maskattn_deploy.bench.gpu_check.plan import (
     BYTE_DEFINITION,
     SCHEMA,
+    TARGET_ATTENTION_RATIO,
     TARGET_COPY_FRACTION,
+    TARGET_GATE_FLIPS,
     TARGET_UNET_RATIO,
     Budget,
     CheckConfig,
 )
-from maskattn_deploy.bench.gpu_check.report import summary_text, verdict
+from maskattn_deploy.bench.gpu_check.report import render_markdown, summary_text
 from maskattn_deploy.bench.gpu_check.results import (
     CheckOutcome,
     CheckResults,
     CudaInfo,
     Environment,
     Part,
+    TargetResult,
     Targets,
     Verdict,
 )
 from maskattn_deploy.bench.gpu_check.timing import Timer
+from maskattn_deploy.bench.gpu_check.tuning import tuning_part
 from maskattn_deploy.bench.gpu_check.unet import unet_part
+from maskattn_deploy.bench.gpu_check.verdict import verdict
 from maskattn_deploy.errors import BackendUnavailableError
 
 CHILD_MODULE = "maskattn_deploy.bench.gpu_check"  # ``python -m`` runs its __main__
@@ -77,7 +84,9 @@ def new_results(config: CheckConfig) -> CheckResults:
         plan=config.plan.name,
         created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         config=config,
-        targets=Targets(TARGET_COPY_FRACTION, TARGET_UNET_RATIO),
+        targets=Targets(
+            TARGET_COPY_FRACTION, TARGET_UNET_RATIO, TARGET_ATTENTION_RATIO, TARGET_GATE_FLIPS
+        ),
         byte_definition=BYTE_DEFINITION,
     )
 
@@ -178,6 +187,16 @@ def _device(config: CheckConfig) -> torch.device:
     )
 
 
+# The parts after ``environment``, in run order (see plan.py for the budget of each).
+PART_FUNCTIONS = {
+    "kernel": kernel_part,
+    "attention": attention_part,
+    "gate_head": gate_head_part,
+    "unet": unet_part,
+    "tuning": tuning_part,
+}
+
+
 def run_check(config: CheckConfig, echo: Echo = print) -> CheckOutcome:
     """Run every part that fits the budget; the results are written to disk as they come."""
     ensure_plugins_importable()
@@ -190,16 +209,14 @@ def run_check(config: CheckConfig, echo: Echo = print) -> CheckOutcome:
     out = Path(config.out) if config.out else default_out_dir(config.dry_run)
     budget = Budget(config.budget_s)
     results = new_results(replace(config, out=str(out)))
-    recorder = Recorder(out, results, echo)
+    recorder = Recorder(out, results, echo, render_markdown)
     ctx = RunContext(config, plan, device, budget, recorder, Timer(device), echo)
     echo(f"GPU check ({plan.name}) -> {out} (budget {config.budget_s:.0f} s)")
     with _sigterm_as_exit():
         recorder.run_part("environment", lambda p: _environment_part(p, device), budget, 0)
         ctx.kernel, ctx.kernel_missing = load_kernel(device)
-        recorder.run_part(
-            "kernel", lambda p: kernel_part(p, ctx), budget, plan.estimate_s["kernel"]
-        )
-        recorder.run_part("unet", lambda p: unet_part(p, ctx), budget, plan.estimate_s["unet"])
+        for name, run in PART_FUNCTIONS.items():
+            recorder.run_part(name, lambda p, run=run: run(p, ctx), budget, plan.estimate_s[name])
         results.verdict = verdict(results)
         results.complete, results.elapsed_s = True, round(budget.elapsed(), 2)
         recorder.save()
@@ -244,7 +261,10 @@ def _run_in_interpreter_child(config: CheckConfig, echo: Echo) -> CheckOutcome:
     if not path.is_file() or path.stat().st_mtime < started - 1.0:  # none, or an old run's
         raise RuntimeError(f"the dry-run child process exited with {code} and wrote no {path}")
     written = json.loads(path.read_text()).get("verdict")
-    found = Verdict(**written) if written else None
+    found = None
+    if written:
+        targets = {k: TargetResult(**v) for k, v in written["targets"].items()}
+        found = Verdict(**{**written, "targets": targets})
     return CheckOutcome(bool(found and found.ok), out, found, child_exit_code=code)
 
 

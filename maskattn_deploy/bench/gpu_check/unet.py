@@ -1,32 +1,38 @@
 """The ``unet`` part: one CFG step of the SDXL UNet, masked against unmasked, on every path.
 
-The SDXL UNet (random fp16 weights, built on the GPU from
-:mod:`maskattn_deploy.bench.sdxl_config`) gets gates on the default ``mid`` stage; one CFG step
-(batch 2, 128x128 latent, 77 tokens) is timed per :class:`Variant`. Unmasked is diffusers'
-stock SDPA processor; masked runs the gated processor three ways: the open set as a -inf bias
-to SDPA, the ``maskattn::masked_softmax`` op with its reference implementation (kernel held
-back) and the op on the Triton kernel. The same step is also captured as a CUDA graph
-(unmasked, kernel, SDPA bias: Python and launch overhead out, what the GPU itself spends);
-then, budget allowing, ``torch.compile`` of the unmasked, kernel and SDPA-bias paths.
-Reported: median/min ms, masked/unmasked ratios (for eager and graph paths also from
-interleaved step pairs, which cancel drift), peak memory, and how far the masked paths'
-outputs differ from each other.
+Each :class:`~.results.Variant` (:mod:`.variants`) is built once (compiled, or captured as a CUDA
+graph), warmed up and timed; its first call is timed on its own (it includes compiling). A masked
+variant on a path a deployment runs (CUDA graph, compiled) is then timed again in interleaved
+pairs with its unmasked twin (A B, B A, ...), which cancels drift; the target ratio is the
+median of the pairs' ratios. Reported besides: peak memory, the fraction of open gates, how far
+the paths' outputs are apart, and a profile of one unmasked and one fused step.
+
+Masked variants run the gated twin of the UNet, unmasked ones the stock UNet (same weights,
+:mod:`.model`), so nothing is reinstalled between the steps of a pair. Compiled variants:
+``torch.compile`` of each one's spec adapter with the variant's mode (``default`` or
+``reduce-overhead``, which replays CUDA graphs of the compiled code); both stay compiled while
+their pairs run; switching modes starts from a clean dynamo cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import statistics
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from maskattn_deploy.bench.gpu_check.context import RunContext
-from maskattn_deploy.bench.gpu_check.plan import CFG_BATCH, Plan
+from maskattn_deploy.bench.gpu_check.model import (
+    GATE_STAGE,
+    Model,
+    release_model,
+    shapes,
+    shared_model,
+    unet_step_module,
+)
 from maskattn_deploy.bench.gpu_check.profile import PROFILED, profile_part
 from maskattn_deploy.bench.gpu_check.results import (
     Agreement,
@@ -38,139 +44,74 @@ from maskattn_deploy.bench.gpu_check.results import (
     Variant,
     VariantResult,
 )
+from maskattn_deploy.bench.gpu_check.variants import (
+    AGREEMENT,
+    PAIRED,
+    RATIOS,
+    RO,
+    VARIANT_BY_NAME,
+    VARIANTS,
+    variant_mode,
+    variant_skip,
+)
 from maskattn_deploy.bench.timing import measure_interleaved
 from maskattn_deploy.cuda_graphs import capture
 
 Step = Callable[[], torch.Tensor]
 
-VARIANTS = (
-    Variant("eager_unmasked", False, "stock", False),
-    Variant("eager_masked_sdpa", True, "sdpa", False),
-    Variant("eager_masked_reference", True, "reference", False),
-    Variant("eager_masked_kernel", True, "kernel", False),
-    # CUDA graphs take Python and launch overhead out: what the GPU itself spends per step.
-    Variant("graph_unmasked", False, "stock", False, graphed=True),
-    Variant("graph_masked_kernel", True, "kernel", False, graphed=True),
-    Variant("graph_masked_sdpa", True, "sdpa", False, graphed=True),
-    Variant("compile_unmasked", False, "stock", True),
-    Variant("compile_masked_kernel", True, "kernel", True),
-    Variant("compile_masked_sdpa", True, "sdpa", True),
-)
-# ratio name -> (masked variant, unmasked variant)
-RATIOS = {
-    "eager_sdpa": ("eager_masked_sdpa", "eager_unmasked"),
-    "eager_reference": ("eager_masked_reference", "eager_unmasked"),
-    "eager_kernel": ("eager_masked_kernel", "eager_unmasked"),
-    "graph_kernel": ("graph_masked_kernel", "graph_unmasked"),
-    "graph_sdpa": ("graph_masked_sdpa", "graph_unmasked"),
-    "compile_kernel": ("compile_masked_kernel", "compile_unmasked"),
-    "compile_sdpa": ("compile_masked_sdpa", "compile_unmasked"),
-}
-VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
-# masked variant -> the unmasked variant its interleaved pairs run against (not compiled)
-PARTNER = {m: u for m, u in RATIOS.values() if not VARIANT_BY_NAME[m].compiled}
-# agreement name -> (variant, variant it is compared with)
-AGREEMENT = {
-    "kernel_vs_reference": ("eager_masked_kernel", "eager_masked_reference"),
-    "graph_vs_eager_kernel": ("graph_masked_kernel", "eager_masked_kernel"),
-    "sdpa_vs_reference": ("eager_masked_sdpa", "eager_masked_reference"),
-    "compiled_vs_eager_unmasked": ("compile_unmasked", "eager_unmasked"),
-    "compiled_vs_eager_kernel": ("compile_masked_kernel", "eager_masked_kernel"),
-}
-
-
-# --------------------------------------------------------------------------- model and inputs
-
-
-def build_unet(plan: Plan, device: torch.device, seed: int) -> torch.nn.Module:
-    """SDXL (random weights, built on the device) or the built-in tiny UNet."""
-    dtype = getattr(torch, plan.unet_dtype)
-    if plan.model == "sdxl":
-        from maskattn_deploy.bench.sdxl_config import build_sdxl_unet
-
-        return build_sdxl_unet(device, dtype, seed)
-    from maskattn_deploy.models.tiny import build_tiny_unet
-
-    unet = build_tiny_unet(seed)
-    if dtype != torch.float32 or device.type != "cpu":
-        unet = unet.to(device=device, dtype=dtype)
-    return unet
-
-
-def unet_inputs(
-    unet: torch.nn.Module, latent: int, dtype: torch.dtype, device: torch.device, seed: int
-) -> dict[str, Any]:
-    """One CFG step's inputs: the UNet spec's dummy inputs at batch 2 and ``latent``x``latent``
-    latents (77 text tokens), in the graph dtypes of ``dtype`` (timestep and time_ids fp32)."""
-    from maskattn_deploy.export.component_spec import (
-        FLOAT,
-        ModelDims,
-        ShapePoint,
-        component_spec,
-    )
-    from maskattn_deploy.export.spec import LATENT_FACTOR
-
-    spec = component_spec("unet", ModelDims.from_unet_config(unet.config))
-    size = latent * LATENT_FACTOR
-    feed = spec.dummy_inputs(ShapePoint(CFG_BATCH, size, size), seed)
-    return {
-        t.name: feed[t.name].to(device=device, dtype=dtype if t.dtype == FLOAT else None)
-        for t in spec.inputs
-    }
-
-
-def unet_step_module(unet: torch.nn.Module) -> torch.nn.Module:
-    """The UNet's spec adapter: takes :func:`unet_inputs` positionally, as the export does."""
-    from maskattn_deploy.export.component_spec import spec_template
-
-    return spec_template("unet").adapter(unet)
-
-
-def shapes(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Input name -> shape (nested dicts stay nested)."""
-    return {k: shapes(v) if isinstance(v, dict) else list(v.shape) for k, v in inputs.items()}
-
-
-# --------------------------------------------------------------------------- one variant's step
-
 
 class Bench:
-    """The UNet, its inputs and gates: builds, configures and times each variant's step."""
+    """The shared model: builds (compiles, captures) and times each variant's step."""
 
-    def __init__(self, unet: torch.nn.Module, inputs: dict[str, Any], gates: Any, ctx: RunContext):
-        self.unet, self.inputs, self.gates, self.ctx = unet, inputs, gates, ctx
+    def __init__(self, model: Model, ctx: RunContext) -> None:
+        self.model, self.ctx = model, ctx
+        self.gates = model.gates
+        self.adapters = {False: unet_step_module(model.unet), True: unet_step_module(model.gated)}
+        self.mode: str | None = None  # compile mode of the modules in ``compiled``
+        self.compiled: dict[bool, tuple[torch.nn.Module, str]] = {}  # masked -> (module, how)
+        self.partners: dict[str, Step] = {}  # unmasked steps kept for their masked partners
 
-    def configure(self, variant: Variant) -> None:
-        """Stock processors, or gates (their mode is set per step: :func:`variant_mode`)."""
-        from maskattn_deploy.gating import GateConfig, install_gates, remove_gates
-
-        remove_gates(self.unet)
-        self.unet.requires_grad_(False)  # frozen in every variant, as installing gates leaves it
-        if variant.masked:
-            install_gates(self.unet, GateConfig(stage="mid"), gates=self.gates)
-
-    def step(self, variant: Variant) -> Step:
-        """One CFG step of ``variant`` (call after :meth:`configure`; graphs capture it here)."""
-        module = unet_step_module(self.unet)
-        if variant.compiled:
+    def compiled_module(self, mode: str, masked: bool) -> tuple[torch.nn.Module, str]:
+        """The compiled adapter of the stock or gated UNet in ``mode`` (a new mode resets dynamo)."""
+        if mode != self.mode:
             import torch._dynamo as dynamo  # binds only `dynamo`, not a local `torch`
 
             dynamo.reset()
-            module = torch.compile(module, backend=self.ctx.plan.compile_backend)
-        unet, args = self.unet, tuple(self.inputs.values())
+            self.mode, self.compiled = mode, {}
+        if masked not in self.compiled:
+            adapter, backend = self.adapters[masked], self.ctx.plan.compile_backend
+            if backend == "inductor":
+                module = torch.compile(adapter, mode=None if mode == "default" else mode)
+                how = f"inductor, mode {mode}"
+            else:  # modes are inductor's: other backends compile the same graph without them
+                module = torch.compile(adapter, backend=backend)
+                how = f"{backend} backend (mode {mode} needs inductor)"
+            self.compiled[masked] = (module, how)
+        return self.compiled[masked]
+
+    def step(self, variant: Variant) -> Step:
+        """One CFG step of ``variant``, built once (compiled, or captured as a CUDA graph)."""
+        if variant.name in self.partners:
+            return self.partners[variant.name]
+        module = self.adapters[variant.masked]
+        ro = variant.compiled and variant.compile_mode == RO
+        if variant.compiled:
+            module, _ = self.compiled_module(variant.compile_mode or "default", variant.masked)
+        unet = self.model.gated if variant.masked else self.model.unet
+        args = tuple(self.model.inputs.values())
 
         def step() -> torch.Tensor:
+            if ro:  # a new iteration for CUDA-graph trees: earlier outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad(), variant_mode(unet, variant):
                 return module(*args)
 
         if variant.graphed and self.ctx.device.type == "cuda":
-            return capture(step, warmup=2, device=self.ctx.device).replay
-        return step  # the dry run has no CUDA graphs: the graph variants run eagerly there
-
-    def configured_step(self, variant: Variant) -> Step:
-        """:meth:`configure` for ``variant``, then its :meth:`step`."""
-        self.configure(variant)
-        return self.step(variant)
+            step = capture(step, warmup=2, device=self.ctx.device).replay
+        # the dry run has no CUDA graphs: the graph variants run eagerly there
+        if not variant.masked:
+            self.partners[variant.name] = step
+        return step
 
     def time(self, step: Step, variant: Variant) -> StepTiming:
         """Warm up ``step`` (compiles when compiled), then time it; peak memory on CUDA."""
@@ -182,55 +123,40 @@ class Bench:
         out = step()
         ctx.timer.sync()
         first_call_s = time.perf_counter() - start
+        # Copied now: later calls of a graph-replaying step overwrite its output buffers.
+        ctx.outputs[variant.name] = kept = out.detach().float().cpu()
         stats = ctx.timer.measure(step, ctx.plan.unet_samples, warmup=ctx.plan.unet_warmup - 1,
                                   max_s=ctx.plan.variant_cap_s)  # fmt: skip
-        ctx.outputs[variant.name] = out.detach().float().cpu()
-        if variant.compiled:
-            import torch._dynamo as dynamo
-
-            dynamo.reset()
+        graph = variant.graphed and cuda
         return StepTiming(
             median_ms=stats.median * 1e3, min_ms=stats.min * 1e3, samples=stats.n,
             first_call_s=first_call_s,
             peak_memory_bytes=torch.cuda.max_memory_allocated(ctx.device) if cuda else None,
-            output_finite=bool(torch.isfinite(out).all()),
-            method="cuda-graph" if variant.graphed and cuda else "eager" if cuda else "perf_counter",
+            output_finite=bool(torch.isfinite(kept).all()),
+            method="cuda-graph" if graph else "eager" if cuda else "perf_counter",
+            compiled_with=self.compiled[variant.masked][1] if variant.compiled else None,
         )  # fmt: skip
 
     def paired(self, masked: Variant, masked_step: Step) -> PairedRatio:
         """masked/unmasked from interleaved steps (A B, B A, ...): drift cancels pair by pair."""
-        unmasked = VARIANT_BY_NAME[PARTNER[masked.name]]
-        self.configure(unmasked)  # a graph captures the processors installed now
-        timer = self.ctx.timer
+        from torch._dynamo.utils import counters
+
+        unmasked = VARIANT_BY_NAME[PAIRED[masked.name]]
+        timer, graphs = self.ctx.timer, counters["stats"]["unique_graphs"]
         pairs = measure_interleaved(
-            self.step(unmasked), masked_step, self.ctx.plan.paired_samples, warmup=0,
+            self.partners[unmasked.name], masked_step, self.ctx.plan.paired_samples, warmup=0,
             sync=timer.sync, clock=timer.clock,
-            before_a=lambda: self.configure(unmasked), before_b=lambda: self.configure(masked),
         )  # fmt: skip
-        self.configure(masked)
         ratios = [m / u for m, u in zip(pairs.b.samples, pairs.a.samples, strict=True)]
-        return PairedRatio(len(ratios), statistics.median(ratios), min(ratios), max(ratios))
+        recompiles = counters["stats"]["unique_graphs"] - graphs if masked.compiled else None
+        return PairedRatio(len(ratios), statistics.median(ratios), min(ratios), max(ratios),
+                           recompiles)  # fmt: skip
 
     def open_fraction(self, step: Step) -> dict[str, float]:
         """Fraction of open gate entries per stage in one observed (untimed) step."""
         with self.gates.mode(observing=True):
             step()
         return self.gates.open_fractions()
-
-
-def variant_mode(unet: torch.nn.Module, variant: Variant) -> contextlib.AbstractContextManager:
-    """The gate mode of a masked variant's step: the masked-softmax path the variant names.
-
-    sdpa: the open set as a -inf bias to fused attention; kernel: maskattn::masked_softmax
-    (Triton on CUDA); reference: the oracle, never the kernel.
-    """
-    from maskattn_deploy.gating import AttentionImpl, installed_gates
-
-    gates = installed_gates(unet)
-    if gates is None or not variant.masked:
-        return contextlib.nullcontext()
-    impl = {"sdpa": AttentionImpl.SDPA, "reference": AttentionImpl.REFERENCE}
-    return gates.mode(attention=impl.get(variant.impl, AttentionImpl.OP))
 
 
 def register_kernel_path(ctx: RunContext) -> tuple[bool, str]:
@@ -255,59 +181,30 @@ def register_kernel_path(ctx: RunContext) -> tuple[bool, str]:
 # --------------------------------------------------------------------------- the part
 
 
-def variant_skip(variant: Variant, ctx: RunContext, kernel_ok: bool | None) -> str | None:
-    """Why ``variant`` does not run (plan, flags, kernel, budget), or None."""
-    if variant.name in ctx.plan.left_out:
-        return f"not in the {ctx.plan.name} plan"
-    if variant.compiled and ctx.config.skip_compile:
-        return "--skip-compile"
-    if variant.impl == "kernel" and kernel_ok is False:
-        return ctx.kernel_path
-    estimate = ctx.plan.estimate_s["compile" if variant.compiled else "eager"]
-    if variant.compiled:
-        estimate = max(estimate, 1.1 * ctx.compile_s)
-        if not variant.masked:  # no ratio unless a masked partner compiles after it
-            estimate *= 2
-    return ctx.budget.skip_reason(variant.name, estimate)
-
-
 def unet_part(part: Part[UNetData], ctx: RunContext) -> None:
     from maskattn_deploy.bench.sdxl_config import count_parameters
-    from maskattn_deploy.gating import GateConfig, install_gates, remove_gates
 
-    start = time.perf_counter()
-    unet = build_unet(ctx.plan, ctx.device, ctx.config.seed)
-    ctx.timer.sync()
-    dtype = getattr(torch, ctx.plan.unet_dtype)
-    inputs = unet_inputs(unet, ctx.plan.latent, dtype, ctx.device, ctx.config.seed)
-    gates = install_gates(unet, GateConfig(stage="mid"))
-    remove_gates(unet)
+    model = shared_model(ctx)
     data = part.data = UNetData(
-        model=ctx.plan.model, dtype=ctx.plan.unet_dtype, build_s=time.perf_counter() - start,
-        parameters=count_parameters(unet), gate_parameters=gates.num_parameters(),
-        gated_layers=len(gates.layers), gate_stage="mid", compile_backend=ctx.plan.compile_backend,
-        inputs=shapes(inputs),
+        model=ctx.plan.model, dtype=ctx.plan.unet_dtype, build_s=model.build_s,
+        parameters=count_parameters(model.unet), gate_parameters=model.gates.num_parameters(),
+        gated_layers=len(model.gates.layers), gate_stage=GATE_STAGE,
+        compile_backend=ctx.plan.compile_backend, inputs=shapes(model.inputs),
     )  # fmt: skip
-    ctx.echo(f"  {ctx.plan.model} UNet built in {data.build_s:.1f} s "
-             f"({data.parameters / 1e9:.3f} B parameters, {len(gates.layers)} gated layers)")  # fmt: skip
     ctx.save()
-    bench = Bench(unet, inputs, gates, ctx)
-    kernel_ok: bool | None = None
-    for variant in VARIANTS:
-        if variant.compiled and data.profile is None:  # before compiles eat the budget
-            steps = {
-                n: functools.partial(bench.configured_step, VARIANT_BY_NAME[n]) for n in PROFILED
-            }
-            data.profile = profile_part(ctx, steps, kernel_ok)
-        if variant.impl == "kernel" and kernel_ok is None:
-            kernel_ok, ctx.kernel_path = register_kernel_path(ctx)
-            data.kernel_path = ctx.kernel_path
-        run_variant(bench, variant, data, kernel_ok)
-    data.agreement = output_agreement(ctx.outputs)
-    ctx.outputs.clear()
-    del unet, gates, inputs, bench
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()
+    bench = Bench(model, ctx)
+    kernel_ok, ctx.kernel_path = register_kernel_path(ctx)
+    data.kernel_path = ctx.kernel_path
+    try:
+        for variant in VARIANTS:
+            if variant.compiled and data.profile is None:  # before compiles eat the budget
+                steps = {n: functools.partial(bench.step, VARIANT_BY_NAME[n]) for n in PROFILED}
+                data.profile = profile_part(ctx, steps, kernel_ok)
+            run_variant(bench, variant, data, kernel_ok)
+        data.agreement = output_agreement(ctx.outputs)
+    finally:
+        del bench
+        release_model(ctx)
 
 
 def run_variant(bench: Bench, variant: Variant, data: UNetData, kernel_ok: bool | None) -> None:
@@ -319,16 +216,15 @@ def run_variant(bench: Bench, variant: Variant, data: UNetData, kernel_ok: bool 
         ctx.echo(f"  {variant.name}: skipped ({reason})")
         ctx.save()
         return
-    bench.configure(variant)
     try:
         step = bench.step(variant)  # built (compiled, captured) once
         row = VariantResult("ok", variant=variant, timing=bench.time(step, variant))
         if variant.compiled:
-            ctx.compile_s = max(ctx.compile_s, row.timing.first_call_s)
+            ctx.compiles_s.append(row.timing.first_call_s)
         if variant.name == "eager_masked_reference":
             row.open_fraction = bench.open_fraction(step)
-        partner = PARTNER.get(variant.name)
-        if not variant.compiled and partner and _ok(data, partner):
+        partner = PAIRED.get(variant.name)
+        if partner and _ok(data, partner) and partner in bench.partners:
             row.paired = bench.paired(variant, step)
     except Exception as exc:  # e.g. a compile failure: record it, keep the other variants
         row = VariantResult("failed", error=f"{type(exc).__name__}: {exc}",
@@ -377,7 +273,10 @@ def variant_line(name: str, row: VariantResult) -> str:
     t = row.timing
     mem = t.peak_memory_bytes
     mem_text = f", peak {mem / 2**30:.2f} GiB" if mem is not None else ""
+    paired = f", interleaved {row.paired.ratio_median:.3f}" if row.paired else ""
+    if row.paired and row.paired.recompiles:
+        paired += f" ({row.paired.recompiles} recompiles during the pairs)"
     return (
         f"  {name}: median {t.median_ms:.2f} ms, min {t.min_ms:.2f} ms over "
-        f"{t.samples} (first call {t.first_call_s:.1f} s){mem_text}"
+        f"{t.samples} (first call {t.first_call_s:.1f} s){mem_text}{paired}"
     )
