@@ -47,7 +47,7 @@ class _ProfileState:
     context: Any
     buffers: dict[str, Any] = field(default_factory=dict)
     shape_key: tuple | None = None
-    graph: Any = None
+    graph: Any = None  # the enqueue as a cuda_graphs.CapturedGraph, once captured
     runs_at_shape: int = 0
 
 
@@ -198,7 +198,7 @@ class TrtRunner:
         return outputs
 
     def _enqueue(self, state: _ProfileState) -> None:
-        import torch
+        from maskattn_deploy.cuda_graphs import capture
 
         if state.graph is not None:
             state.graph.replay()
@@ -207,8 +207,6 @@ class TrtRunner:
         if not context.execute_async_v3(self._stream.cuda_stream):
             raise UserError(f"TensorRT failed to execute {self.engine_path.name}")
         state.runs_at_shape += 1
-        if self.cuda_graph and state.runs_at_shape == 1:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=self._stream):
-                context.execute_async_v3(self._stream.cuda_stream)
-            state.graph = graph
+        if self.cuda_graph and state.runs_at_shape == 1:  # the run above was the warm-up
+            stream = self._stream.cuda_stream
+            state.graph = capture(lambda: context.execute_async_v3(stream), stream=self._stream)
