@@ -398,10 +398,16 @@ def compile_kernel(request: CompileRequest) -> Any:
 def compile_ptx(request: CompileRequest) -> tuple[str, str, LaunchMetadata]:
     """``(ptx, kernel_name, metadata)`` for one :class:`CompileRequest`.
 
-    The PTX's entry also declares the scratch pointers Triton appends after ``o`` (unused).
+    The PTX is exactly what TensorRT launches: the scratch-pointer parameters Triton appends
+    after ``o`` are removed (the masked-softmax kernel's helper, which refuses a kernel that
+    reads them or needs scratch memory).
     """
+    from maskattn_deploy.plugins.masked_softmax_triton import strip_scratch_params
+
     compiled = compile_kernel(request)
     meta = compiled.metadata
+    n_args = len(kernel_signature(request.dtype, request.gate_dtype))
+    ptx = strip_scratch_params(compiled.asm["ptx"], meta.name, n_args, meta)
     rows, _, group = request.tiling
     launch = LaunchMetadata(
         num_warps=meta.num_warps,
@@ -416,4 +422,4 @@ def compile_ptx(request: CompileRequest) -> tuple[str, str, LaunchMetadata]:
         dtype=request.dtype,
     )
     logger.debug("compiled %s for sm_%d (%s, %s)", meta.name, request.arch, request.dtype, launch)
-    return compiled.asm["ptx"], meta.name, launch
+    return ptx, meta.name, launch

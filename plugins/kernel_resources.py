@@ -62,10 +62,14 @@ def ptxas_report(ptx: str, arch: int) -> dict[str, int]:
     """Registers, spills, stack frame of the (single) kernel in ``ptx`` from ``ptxas -v``."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # Triton 3.5: one ptxas for every architecture
+        ptxas = get_ptxas().path
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
-        cmd = [get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
+        cmd = [ptxas, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
                str(src), "-o", str(Path(tmp) / "kernel.cubin")]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     log = proc.stdout + proc.stderr

@@ -145,19 +145,36 @@ class _Launch:
         self.args[index] = value
 
 
-def launch(trt: Any, plugin: Any, dtypes: list[Any], shape: list[int], dynamic: list[bool]) -> dict:
-    """get_output_shapes + get_launch_params + get_kernel for S of ``shape`` (evaluated)."""
-    b, _, n, t = shape
-    g_shape, g_dyn = [b, 1, n, t], [dynamic[0], False, dynamic[2], dynamic[3]]
+def io_shapes(kind: str, shape: list[int], dynamic: list[bool]) -> list[tuple[list, list]]:
+    """``(shape, dynamic)`` of each input then the output of the ``kind`` plugin.
+
+    ``softmax``: ``shape`` is S ``[b,h,n,t]``; inputs S, G ``[b,1,n,t]``, output like S.
+    ``attention``: ``shape`` is ``[b,h,n,t,d]``; inputs q ``[b,h,n,d]``, k and v ``[b,h,t,d]``,
+    G ``[b,n,t]``, output like q.
+    """
+    if kind == "softmax":
+        b, _, n, t = shape
+        g = ([b, 1, n, t], [dynamic[0], False, dynamic[2], dynamic[3]])
+        return [(shape, dynamic), g, (shape, dynamic)]
+    (b, h, n, t, d), (db, dh, dn, dt, dd) = shape, dynamic
+    q, kv = ([b, h, n, d], [db, dh, dn, dd]), ([b, h, t, d], [db, dh, dt, dd])
+    return [q, kv, kv, ([b, n, t], [db, dn, dt]), q]
+
+
+def launch(
+    trt: Any, plugin: Any, dtypes: list[Any], shape: list[int], dynamic: list[bool], kind: str
+) -> dict:
+    """get_output_shapes + get_launch_params + get_kernel for ``shape`` (evaluated)."""
+    io = io_shapes(kind, shape, dynamic)
+    n_in = len(io) - 1
     builder = trt.IExprBuilder()
-    inputs = [_exprs(trt, shape, dynamic), _exprs(trt, g_shape, g_dyn)]
+    inputs = [_exprs(trt, s, d) for s, d in io[:n_in]]
     (out_exprs,) = plugin.get_output_shapes(inputs, [], builder)
-    descs = [_desc(trt, shape, dynamic, dtypes[0]), _desc(trt, g_shape, g_dyn, dtypes[1]),
-             _desc(trt, shape, dynamic, dtypes[2])]  # fmt: skip
-    plugin.configure_plugin(descs[:2], descs[2:])
+    descs = [_desc(trt, s, d, dtype) for (s, d), dtype in zip(io, dtypes, strict=True)]
+    plugin.configure_plugin(descs[:n_in], descs[n_in:])
     params, setter = _Launch(), _Launch()
-    plugin.get_launch_params(inputs, descs, 2, params, setter, builder)
-    name, ptx = plugin.get_kernel([d.desc for d in descs[:2]], [d.desc for d in descs[2:]])
+    plugin.get_launch_params(inputs, descs, n_in, params, setter, builder)
+    name, ptx = plugin.get_kernel([d.desc for d in descs[:n_in]], [d.desc for d in descs[n_in:]])
     args = [setter.args[i] for i in range(setter.nbSymExprs)]
     value = lambda e: e.expr.value  # noqa: E731  (SymExprImpl -> evaluated expression)
     return {
@@ -173,7 +190,9 @@ def launch(trt: Any, plugin: Any, dtypes: list[Any], shape: list[int], dynamic: 
     }
 
 
-def run_case(trt: Any, creator: Any, case: dict[str, Any], cuda_check: Any) -> dict[str, Any]:
+def run_case(
+    trt: Any, creator: Any, case: dict[str, Any], cuda_check: Any, kind: str = "softmax"
+) -> dict[str, Any]:
     """One type combination, GPU and driver: every TensorRT call up to the kernel."""
     dtypes = [{"FP32": trt.float32, "FP16": trt.float16}[x] for x in case["types"]]
     arch = case["arch"]
@@ -187,25 +206,24 @@ def run_case(trt: Any, creator: Any, case: dict[str, Any], cuda_check: Any) -> d
     )  # fmt: skip
     result = {key: case[key] for key in ("id", "types", "driver", "arch")}
     result["aot"] = isinstance(plugin, trt.IPluginV3QuickAOTBuild)
-    result["output_types"] = [d.name for d in plugin.get_output_data_types(dtypes[:2], [4, 4])]
-    shape, dynamic = case["shapes"][0]
-    b, _, n, t = shape
-    inputs = [
-        _exprs(trt, shape, dynamic),
-        _exprs(trt, [b, 1, n, t], [dynamic[0], False, *dynamic[2:]]),
+    io = io_shapes(kind, *case["shapes"][0])
+    n_in = len(io) - 1
+    result["output_types"] = [
+        d.name for d in plugin.get_output_data_types(dtypes[:n_in], [len(s) for s, _ in io[:n_in]])
     ]
-    plugin.get_output_shapes(inputs, [], trt.IExprBuilder())
+    plugin.get_output_shapes([_exprs(trt, s, d) for s, d in io[:n_in]], [], trt.IExprBuilder())
     offered = plugin.get_supported_format_combinations(
-        [_desc(trt, shape, dynamic, d) for d in dtypes], 2
+        [_desc(trt, s, d, dtype) for (s, d), dtype in zip(io, dtypes, strict=True)], n_in
     )
+    width = len(io)
     result["offered"] = [
-        [d.type.name for d in offered[i : i + 3]] for i in range(0, len(offered), 3)
+        [d.type.name for d in offered[i : i + width]] for i in range(0, len(offered), width)
     ]
     plugin.set_tactic(0)
     result["launches"] = []
     for shape, dynamic in case["shapes"]:
         try:
-            result["launches"].append(launch(trt, plugin, dtypes, shape, dynamic))
+            result["launches"].append(launch(trt, plugin, dtypes, shape, dynamic, kind))
         except Exception as exc:  # recorded: the test decides whether it was expected
             result["launches"].append({"shape": shape, "error": f"{type(exc).__name__}: {exc}"})
     return result
@@ -214,10 +232,16 @@ def run_case(trt: Any, creator: Any, case: dict[str, Any], cuda_check: Any) -> d
 def run(request: dict[str, Any]) -> dict[str, Any]:
     import _trt_stub
     import triton
+    from maskattn_deploy.plugins.trt_attention_plugin import define_attention_plugin
     from maskattn_deploy.plugins.trt_plugin import QDP_PLUGIN_VERSION, define_plugin
 
     from maskattn_deploy.engine import cuda_check
-    from maskattn_deploy.ops.contract import PLUGIN_NAME, PLUGIN_NAMESPACE
+    from maskattn_deploy.ops.contract import ATTENTION_PLUGIN_NAME, PLUGIN_NAME, PLUGIN_NAMESPACE
+
+    plugins = {  # run["plugin"] -> (definition, op_type)
+        "softmax": (define_plugin, PLUGIN_NAME),
+        "attention": (define_attention_plugin, ATTENTION_PLUGIN_NAME),
+    }
 
     archs = sorted({c["arch"] for r in request["runs"] for c in r["cases"]} | {80})
     out: dict[str, Any] = {"triton_version": triton.__version__, "runs": []}
@@ -225,21 +249,23 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     for spec in request["runs"]:
         trt = _trt_stub.install(Path(request["wheels"][spec["wheel"]]))
         trtp = importlib.import_module("tensorrt.plugin")
-        define_plugin(trt, trtp, spec["tiling"])  # NVIDIA's validators run here
+        kind = spec.get("plugin", "softmax")
+        define, op_type = plugins[kind]
+        define(trt, trtp, spec["tiling"])  # NVIDIA's validators run here
         creator = trt.get_plugin_registry().get_creator(
-            PLUGIN_NAME, QDP_PLUGIN_VERSION, PLUGIN_NAMESPACE
+            op_type, QDP_PLUGIN_VERSION, PLUGIN_NAMESPACE
         )
         results = []
         for case in spec["cases"]:
             try:
-                row = run_case(trt, creator, case, cuda_check)
+                row = run_case(trt, creator, case, cuda_check, kind)
             except Exception:
                 row = {"id": case["id"], "error": traceback.format_exc(limit=6)}
             for item in row.get("launches", []):
                 if "ptx" in item:
                     item["ptxas"] = assemble(item["ptx"], out["ptxas"][str(case["arch"])]["path"])
             results.append(row)
-        out["runs"].append({"wheel": spec["wheel"], "tiling": spec["tiling"],
+        out["runs"].append({"wheel": spec["wheel"], "tiling": spec["tiling"], "plugin": kind,
                             "creator": creator_info(creator), "results": results})  # fmt: skip
     return out
 

@@ -52,7 +52,13 @@ from maskattn_deploy.export.component_spec import engine_outputs
 from maskattn_deploy.export.folder import ComponentEntry, ExportFolder, ExportManifest
 from maskattn_deploy.export.recipe import ExportRecipe, check_engine_settings, resolve_recipe
 from maskattn_deploy.export.spec import ENGINES_DIR
-from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_NAME, PLUGIN_VERSION
+from maskattn_deploy.ops.contract import (
+    ATTENTION_PLUGIN_ID,
+    ATTENTION_PLUGIN_NAME,
+    PLUGIN_ID,
+    PLUGIN_NAME,
+    PLUGIN_VERSION,
+)
 from maskattn_deploy.utils import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -245,6 +251,49 @@ def kernel_record(
     }
 
 
+def attention_kernel_record(text_tokens: int, cuda: Any) -> dict[str, Any]:
+    """What the engine manifest says about the fused gated-attention kernel (plugin default
+    tiling: the kernel's rows, one head per program)."""
+    import triton
+
+    from maskattn_deploy.plugins.gated_attention_triton import block_t, default_rows
+    from maskattn_deploy.plugins.trt_plugin import ptx_version_for_driver
+
+    return {
+        "id": ATTENTION_PLUGIN_ID,
+        "version": PLUGIN_VERSION,
+        "triton_version": triton.__version__,
+        "block_t": block_t(text_tokens),
+        "tiling": [*default_rows(block_t(text_tokens)), 1],
+        "tiling_source": "default",
+        "ptx_isa": ptx_version_for_driver(cuda.driver_version, cuda.sm),
+    }
+
+
+def _register_plugins(
+    jobs: Sequence[BuildJob], options: BuildOptions, text_tokens: int, cuda: Any
+) -> dict[str, dict[str, Any]]:
+    """Register the plugin of every custom node type the jobs use; its kernel record per type."""
+    used = {op_type for job in jobs for op_type, count in job.custom_nodes.items() if count}
+    if not used:
+        return {}
+    from maskattn_deploy._lazy import require
+
+    require("triton", "compiling the TensorRT plugins' kernels")
+    records = {}
+    if PLUGIN_NAME in used:
+        from maskattn_deploy.plugins.trt_plugin import register_plugin
+
+        register_plugin(options.kernel_tiling)
+        records[PLUGIN_NAME] = kernel_record(options.kernel_tiling, text_tokens, cuda)
+    if ATTENTION_PLUGIN_NAME in used:
+        from maskattn_deploy.plugins.trt_attention_plugin import register_attention_plugin
+
+        register_attention_plugin()
+        records[ATTENTION_PLUGIN_NAME] = attention_kernel_record(text_tokens, cuda)
+    return records
+
+
 def build_engines(
     export_dir: str | Path,
     recipe: str | Path | Mapping[str, Any] | None = None,
@@ -257,15 +306,7 @@ def build_engines(
     manifest = ExportFolder.open(export_dir).manifest
     recipe_obj = resolve_recipe(recipe, manifest.recipe)
     jobs = plan_builds(export_dir, manifest, recipe_obj, options)
-    plugin = None
-    if any(j.uses_plugin for j in jobs):
-        from maskattn_deploy._lazy import require
-
-        require("triton", "compiling the masked-softmax TensorRT plugin")
-        from maskattn_deploy.plugins.trt_plugin import register_plugin
-
-        register_plugin(options.kernel_tiling)
-        plugin = kernel_record(options.kernel_tiling, recipe_obj.shapes.text_tokens, cuda)
+    records = _register_plugins(jobs, options, recipe_obj.shapes.text_tokens, cuda)
     import tensorrt as trt
 
     trt_logger = _trt_logger(trt)
@@ -288,7 +329,7 @@ def build_engines(
         engine_manifest = make_engine_manifest(
             job.component, env, job.onnx_relpath, job.onnx_sha256,
             [p.as_dict() for p in job.profiles],
-            plugin if job.custom_nodes.get(PLUGIN_NAME) else None, seconds,
+            next((records[t] for t in job.custom_nodes if t in records), None), seconds,
             job.options,
         )  # fmt: skip
         write_engine_manifest(job.engine_path, engine_manifest)

@@ -98,7 +98,7 @@ def attention_op_schema() -> onnx.defs.OpSchema:
     from onnx.defs import OpSchema
 
     attr = OpSchema.AttrType
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+    floats = ["tensor(float)", "tensor(float16)"]  # the TensorRT plugin's types
     return OpSchema(
         ATTENTION_PLUGIN_NAME,
         ONNX_DOMAIN,
