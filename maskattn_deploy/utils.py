@@ -35,15 +35,24 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     The temp name carries our pid (:func:`maskattn_deploy.locks.temp_prefix`), so a file left
     by a killed process is recognised and removed by a later run.
     """
+    from maskattn_deploy.errors import UserError
     from maskattn_deploy.locks import temp_prefix
 
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise_if_disk_error(exc, target)
+        raise UserError(f"cannot write {target}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except Exception as exc:  # libraries wrap OS errors (tokenizers: "os error 28")
+            raise_if_disk_error(exc, target)
+            raise
         if tmp_path.exists():
             tmp_path.chmod(0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
         os.replace(tmp_path, target)

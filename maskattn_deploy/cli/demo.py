@@ -22,9 +22,8 @@ import click
 @click.option(
     "--train-steps",
     type=int,
-    default=40,
-    show_default=True,
-    help="Gate training steps (the full tiny-synthetic recipe is 150).",
+    default=None,
+    help="Gate training steps [default: the tiny-fitted recipe's 150].",
 )
 @click.option("--steps", type=int, default=8, show_default=True, help="Denoising steps per image.")
 @click.option(
@@ -34,10 +33,12 @@ import click
     help="Skip training and use this gate checkpoint.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-def command(out: Path, train_steps: int, steps: int, gates: Path | None, overwrite: bool) -> None:
+def command(
+    out: Path, train_steps: int | None, steps: int, gates: Path | None, overwrite: bool
+) -> None:
     """Run the whole job on the built-in tiny model and write OUT/report.md.
 
-    Trains gates (tiny-synthetic recipe), exports to ONNX, generates images with ONNX Runtime
+    Trains gates (tiny-fitted recipe: the tiny model fitted to use its text), exports to ONNX, generates images with ONNX Runtime
     (and TensorRT when present) with mask pictures, checks parity against PyTorch and runs a
     short benchmark. No GPU or network needed.
     """

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -95,12 +97,21 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="maskattn-deploy")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option(
+    "-v", "--verbose", count=True, help="More logging, library warnings too (-vv for debug)."
+)
 def cli(verbose: int) -> None:
     """MaskAttn-SDXL deployment toolkit: train gates, export ONNX, build TensorRT engines,
     generate images and prove parity between backends."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # Library notes (optional backends, deprecations) would bury the command's own
+        # progress; -v shows them again. Read when transformers/diffusers are first imported.
+        for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+            os.environ.setdefault(name, "error")
+        for category in (FutureWarning, DeprecationWarning):  # for library developers
+            warnings.simplefilter("ignore", category)
 
 
 def main() -> None:

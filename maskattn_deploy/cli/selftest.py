@@ -18,7 +18,8 @@ import click
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Folder for results.json and results.md [default: benchmarks/<date>-<gpu-name>].",
+    help="Folder for results.json and results.md [default: benchmarks/<date>-<gpu-name>; "
+    "--dry-run: <cache>/selftest/<date>-cpu-dry-run].",
 )
 @click.option(
     "--budget-s",

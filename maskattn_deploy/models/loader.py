@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -47,16 +49,47 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionXLPipeline
 
-    if spec in BUILT_IN:
-        pipe = StableDiffusionXLPipeline.from_pretrained(BUILT_IN[spec](), torch_dtype=torch_dtype)
-    elif Path(spec).is_dir():
-        pipe = _from_folder(Path(spec), torch_dtype, variant)
-    elif spec.endswith(SINGLE_FILE_SUFFIXES):
-        pipe = _from_single_file(Path(spec), torch_dtype)
-    else:
-        pipe = _from_hub(spec, torch_dtype, variant)
+    with quiet_loading():
+        if spec in BUILT_IN:
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                BUILT_IN[spec](), torch_dtype=torch_dtype, **_memory_kwargs()
+            )
+        elif Path(spec).is_dir():
+            pipe = _from_folder(Path(spec), torch_dtype, variant)
+        elif spec.endswith(SINGLE_FILE_SUFFIXES):
+            pipe = _from_single_file(Path(spec), torch_dtype)
+        else:
+            pipe = _from_hub(spec, torch_dtype, variant)
     _check_sdxl(pipe, spec)
     return pipe.to(device)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No library progress bars while a model is loaded or saved (the command prints its own
+    progress); the previous state is restored afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [
+        (lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)
+    ]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
+
+
+def _memory_kwargs() -> dict[str, bool]:
+    """``low_cpu_mem_usage`` only with accelerate installed: diffusers warns "install accelerate"
+    on every load otherwise (it is an optional speed-up, see the ``train`` extra)."""
+    from maskattn_deploy._lazy import available
+
+    return {} if available("accelerate") else {"low_cpu_mem_usage": False}
 
 
 def _from_folder(path: Path, torch_dtype: torch.dtype, variant: str | None):
@@ -75,7 +108,7 @@ def _from_folder(path: Path, torch_dtype: torch.dtype, variant: str | None):
         )
     try:
         return StableDiffusionXLPipeline.from_pretrained(
-            path, torch_dtype=torch_dtype, variant=variant
+            path, torch_dtype=torch_dtype, variant=variant, **_memory_kwargs()
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the pipeline in {path}: {exc}") from exc
@@ -107,7 +140,11 @@ def _from_hub(repo_id: str, torch_dtype: torch.dtype, variant: str | None):
         )
     try:
         return StableDiffusionXLPipeline.from_pretrained(
-            repo_id, torch_dtype=torch_dtype, variant=variant, local_files_only=offline
+            repo_id,
+            torch_dtype=torch_dtype,
+            variant=variant,
+            local_files_only=offline,
+            **_memory_kwargs(),
         )
     except Exception as exc:  # hub errors come in many types; the message is what matters
         why = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -68,17 +69,27 @@ def save_run_pngs(
     A killed run leaves at most temp files, which the next run removes.
     """
     out = Path(out_dir)
+    created = not out.exists()
     temps: list[Path] = []
     try:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(out)
         return _save_run(images, out, name, settings, temps)
     except OSError as exc:
+        _discard(temps, out if created else None)
         raise_if_disk_error(exc, out)
         raise UserError(f"cannot write images to {out}: {exc.strerror or exc}") from exc
     finally:
-        for tmp in temps:
-            tmp.unlink(missing_ok=True)
+        _discard(temps, None)
+
+
+def _discard(temps: list[Path], folder: Path | None) -> None:
+    """Remove our temp files (and ``folder`` when we made it and it is empty again)."""
+    for tmp in temps:
+        tmp.unlink(missing_ok=True)
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _save_run(

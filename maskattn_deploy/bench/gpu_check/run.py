@@ -71,10 +71,15 @@ def _slug(text: str) -> str:
 
 
 def default_out_dir(dry_run: bool) -> Path:
-    """``benchmarks/<UTC date>-<gpu name>`` (``-cpu-dry-run`` for the dry run)."""
+    """``benchmarks/<UTC date>-<gpu name>`` for a GPU run, whose results are meant to be kept;
+    the dry run (a CPU rehearsal) goes to ``<cache>/selftest/<date>-cpu-dry-run`` so it never
+    leaves files in a source checkout."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-    card = "cpu-dry-run" if dry_run else _slug(torch.cuda.get_device_name(0))
-    return Path("benchmarks") / f"{date}-{card}"
+    if dry_run:
+        from maskattn_deploy.models.tiny import cache_root
+
+        return cache_root() / "selftest" / f"{date}-cpu-dry-run"
+    return Path("benchmarks") / f"{date}-{_slug(torch.cuda.get_device_name(0))}"
 
 
 def new_results(config: CheckConfig) -> CheckResults:
