@@ -22,7 +22,7 @@ CHATTER = (
 
 
 def test_dry_run_default_output_is_outside_the_checkout(monkeypatch, tmp_path: Path) -> None:
-    from maskattn_deploy.bench.gpu_check import default_out_dir
+    from maskattn_deploy.bench.gpu_check.run import default_out_dir
 
     monkeypatch.setenv("MASKATTN_DEPLOY_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(ROOT)  # where a developer runs it
