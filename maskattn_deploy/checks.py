@@ -43,14 +43,19 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _range_text(low: float | None, high: float | None) -> str:
+def _range_text(
+    low: float | None,
+    high: float | None,
+    above: float | None = None,
+    below: float | None = None,
+) -> str:
+    lower = f">= {low:g}" if low is not None else (f"> {above:g}" if above is not None else "")
+    upper = f"<= {high:g}" if high is not None else (f"< {below:g}" if below is not None else "")
     if low is not None and high is not None:
-        return f"in {low}..{high}"
-    if low is not None:
-        return f">= {low}"
-    if high is not None:
-        return f"<= {high}"
-    return ""
+        return f"in {low:g}..{high:g}" if isinstance(low, float) else f"in {low}..{high}"
+    if lower and upper:
+        return f"{lower} and {upper}"
+    return lower or upper
 
 
 def check_int(
@@ -72,16 +77,20 @@ def check_float(
     low: float | None = None,
     high: float | None = None,
     hint: str = "",
+    above: float | None = None,
+    below: float | None = None,
 ) -> float:
-    """``value`` as a finite float within [low, high] (inclusive); NaN and +-inf are refused."""
-    bounds = _range_text(low, high)
-    wanted = f"a finite number {bounds}".rstrip()
+    """``value`` as a finite float in [low, high] (``above``/``below``: exclusive bounds);
+    NaN and +-inf are refused."""
+    wanted = f"a finite number {_range_text(low, high, above, below)}".rstrip()
     if not is_number(value):
         raise InvalidValueError(f"{name} must be {wanted}, got {_show(value)}{hint}")
     number = float(value)
-    if not math.isfinite(number):
-        raise InvalidValueError(f"{name} must be {wanted}, got {number}{hint}")
-    if (low is not None and number < low) or (high is not None and number > high):
+    bad = not math.isfinite(number)
+    bad = bad or (low is not None and number < low) or (high is not None and number > high)
+    bad = bad or (above is not None and number <= above)
+    bad = bad or (below is not None and number >= below)
+    if bad:
         raise InvalidValueError(f"{name} must be {wanted}, got {number:g}{hint}")
     return number
 

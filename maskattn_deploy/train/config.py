@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from maskattn_deploy.errors import UserError
+from maskattn_deploy.checks import check_float, check_int, is_number
+from maskattn_deploy.errors import InvalidValueError, UserError
 
 if typing.TYPE_CHECKING:
     from maskattn_deploy.gating.config import GateConfig
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MAX_RESOLUTION = 4096  # pixels; SDXL trains at 1024
+MAX_STEPS = 10**9
+MAX_SEED = 2**40  # the run seeds torch with seed * 1_000_003 + rank (+ step), below 2**64
 SCHEDULES = ("cosine", "constant", "linear")
 CACHE_MODES = ("off", "latents", "text", "all")
 
@@ -142,39 +147,52 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> TrainConfig:
-        """Check ranges and choices; raise a UserError naming the bad key."""
+        """Check ranges and choices; raise a UserError naming the bad key and its range."""
         from maskattn_deploy.gating.config import PLACEMENTS, STAGES
         from maskattn_deploy.gating.modes import ESTIMATORS
 
-        checks = [
-            (self.data.resolution % 8 == 0 and self.data.resolution > 0,
-             "data.resolution must be a positive multiple of 8"),
-            (0.0 <= self.data.caption_dropout <= 1.0, "data.caption_dropout must be in [0, 1]"),
-            (self.data.cache in CACHE_MODES, f"data.cache must be one of {', '.join(CACHE_MODES)}"),
-            (self.data.num_workers >= 0, "data.num_workers must be >= 0"),
-            (self.gates.stage in STAGES, f"gates.stage must be one of {', '.join(STAGES)}"),
-            (self.gates.placement in PLACEMENTS,
-             f"gates.placement must be one of {', '.join(PLACEMENTS)}"),
-            (self.gates.hidden_dim > 0, "gates.hidden_dim must be positive"),
-            (self.optim.lr > 0, "optim.lr must be positive"),
-            (len(self.optim.betas) == 2, "optim.betas needs two values, e.g. optim.betas=0.9,0.999"),
-            (self.optim.schedule in SCHEDULES,
-             f"optim.schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.optim.warmup_steps >= 0, "optim.warmup_steps must be >= 0"),
-            (self.train.steps > 0, "train.steps must be positive"),
-            (self.train.batch_size > 0, "train.batch_size must be positive"),
-            (self.train.grad_accum > 0, "train.grad_accum must be positive"),
-            (self.train.effective_batch >= 0, "train.effective_batch must be >= 0 (0 = unused)"),
-            (self.train.mixed_precision in MIXED_PRECISION,
-             f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}"),
-            (self.train.gate_estimator in ESTIMATORS,
-             f"train.gate_estimator must be one of {', '.join(ESTIMATORS)}"),
-            (self.log.every > 0, "log.every must be positive"),
-            (self.log.keep_checkpoints >= 1, "log.keep_checkpoints must be >= 1"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        d, g, o, t, lg = self.data, self.gates, self.optim, self.train, self.log
+        check_int("data.resolution", d.resolution, 8, MAX_RESOLUTION)
+        if d.resolution % 8:
+            raise InvalidValueError(f"data.resolution must be a multiple of 8, got {d.resolution}")
+        check_int("data.min_objects", d.min_objects, 0)
+        check_float("data.caption_dropout", d.caption_dropout, 0.0, 1.0)
+        check_int("data.limit", d.limit, 0)
+        check_int("data.num_workers", d.num_workers, 0, 256)
+        check_int("gates.hidden_dim", g.hidden_dim, 1, 65536)
+        if not is_number(g.threshold) or math.isnan(g.threshold):
+            raise InvalidValueError(f"gates.threshold must be a number, got {g.threshold!r}")
+        check_float("optim.lr", o.lr, above=0.0)
+        check_float("optim.weight_decay", o.weight_decay, 0.0)
+        if len(o.betas) != 2:
+            raise UserError("optim.betas needs two values, e.g. optim.betas=0.9,0.999")
+        for i, beta in enumerate(o.betas):
+            check_float(f"optim.betas[{i}]", beta, 0.0, below=1.0)
+        check_float("optim.eps", o.eps, above=0.0)
+        check_int("optim.warmup_steps", o.warmup_steps, 0)
+        check_float("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+        check_float("optim.max_grad_norm", o.max_grad_norm, 0.0)
+        check_int("train.steps", t.steps, 1, MAX_STEPS)
+        check_int("train.batch_size", t.batch_size, 1)
+        check_int("train.grad_accum", t.grad_accum, 1)
+        check_int("train.effective_batch", t.effective_batch, 0, hint=" (0 = unused)")
+        check_int("train.seed", t.seed, 0, MAX_SEED)
+        check_int("log.every", lg.every, 1)
+        check_int("log.eval_every", lg.eval_every, 0, hint=" (0 = only at start and end)")
+        check_int("log.eval_batch", lg.eval_batch, 1)
+        check_int("log.checkpoint_every", lg.checkpoint_every, 0, hint=" (0 = only at the end)")
+        check_int("log.keep_checkpoints", lg.keep_checkpoints, 1)
+        choices = [
+            ("data.cache", d.cache, CACHE_MODES),
+            ("gates.stage", g.stage, STAGES),
+            ("gates.placement", g.placement, PLACEMENTS),
+            ("optim.schedule", o.schedule, SCHEDULES),
+            ("train.mixed_precision", t.mixed_precision, MIXED_PRECISION),
+            ("train.gate_estimator", t.gate_estimator, ESTIMATORS),
+        ]
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         return self
 
 
