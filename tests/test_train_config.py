@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from importlib import resources
 
 import pytest
@@ -79,13 +80,22 @@ def test_overrides_are_typed_by_the_recipe():
         ("train.steps=1.5", "bad value '1.5' for train.steps"),
         ("log.progress=maybe", "bad value 'maybe' for log.progress"),
         ("train.steps", "is not key=value"),
-        ("train.batch_size=0", "train.batch_size must be positive"),
+        ("train.batch_size=0", "train.batch_size must be an integer >= 1, got 0"),
+        ("optim.lr=inf", "optim.lr must be a finite number > 0, got inf"),
+        ("optim.lr=nan", "optim.lr must be a finite number > 0, got nan"),
+        (
+            "train.seed=100000000000000000000000",
+            "train.seed must be an integer in 0..1099511627776",
+        ),
+        ("optim.betas=0.9,1.0", "optim.betas[1] must be a finite number >= 0 and < 1, got 1"),
+        ("data.resolution=12", "data.resolution must be a multiple of 8, got 12"),
+        ("data.caption_dropout=1.5", "data.caption_dropout must be a finite number in 0..1"),
         ("gates.stage=top", "gates.stage must be one of"),
         ("train.gate_estimator=soft", "train.gate_estimator must be one of bias, relaxed"),
     ],
 )
 def test_bad_overrides_fail_clearly(override, message):
-    with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_train_config("tiny-synthetic", [override])
 
 
