@@ -123,12 +123,24 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         raise SystemExit(1) from None
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # bad flags or values: one line, like every error
+        if isinstance(exc, getattr(click.exceptions, "NoArgsIsHelpError", ())):
+            exc.show()  # a bare group (`maskattn-deploy`, `maskattn-deploy gates`): its help
+        else:
+            click.echo(f"error: {_click_message(exc)}", err=True)
         raise SystemExit(exc.exit_code) from None
     except UserError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(exc.exit_code) from None
+
+
+def _click_message(exc: click.ClickException) -> str:
+    """Click's message on one line, with the command's --help for usage errors."""
+    message = " ".join(exc.format_message().split())
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and ctx is not None:
+        message += f" (see '{ctx.command_path} --help')"
+    return message
 
 
 if __name__ == "__main__":
