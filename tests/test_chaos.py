@@ -152,7 +152,7 @@ def test_six_generates_into_one_folder_keep_six_images(tiny_export: Path, tmp_pa
     args = ["generate", "a red cube", "--export-dir", str(tiny_export), "--out", str(out)]
     procs = [
         subprocess.Popen(
-            [*CLI, *args, "--steps", "2", "--no-progress"],
+            [*CLI, *args, "--steps", "1", "--no-progress"],
             env=ENV,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -533,11 +533,9 @@ def _unet_dims(model: str, pipe: Any = None) -> ModelDims:
         return ModelDims.from_unet_config(pipe.unet.config)
     from diffusers import UNet2DConditionModel
 
-    source = model
-    if model == TINY:
-        from maskattn_deploy.models.tiny import tiny_pipeline_dir
+    from maskattn_deploy.models.loader import BUILT_IN
 
-        source = str(tiny_pipeline_dir())
+    source = str(BUILT_IN[model]()) if model in BUILT_IN else model  # tiny, tiny-fitted
     try:  # a local diffusers folder or a hub id (HF cache / network)
         config = UNet2DConditionModel.load_config(source, subfolder="unet")
     except (OSError, ValueError) as exc:
