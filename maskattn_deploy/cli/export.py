@@ -36,6 +36,14 @@ if TYPE_CHECKING:
     help="Add each gated layer's probabilities as UNet outputs probs/<layer> (for parity).",
 )
 @click.option(
+    "--attention-node",
+    type=click.Choice(["softmax", "fused"]),
+    default="softmax",
+    show_default=True,
+    help="Custom node per gated layer: the masked softmax alone (MaskedSoftmax), or QK^T, "
+    "masked softmax and PV as one MaskedCrossAttention node (fused kernel in TensorRT).",
+)
+@click.option(
     "--external-data-threshold",
     type=click.IntRange(min=0),
     default=None,
@@ -53,12 +61,14 @@ def command(
     no_engine: bool,
     no_validate: bool,
     per_layer: bool,
+    attention_node: str,
     external_data_threshold: int | None,
 ) -> None:
     """Export MODEL with its gates to an ONNX folder (manifest, one sub-folder per component).
 
-    The masked softmax of each gated layer is one custom node for the TensorRT plugin, backed
-    by a model-local ONNX function so ONNX Runtime runs the same file. The folder appears only
+    The masked softmax of each gated layer (or, with --attention-node fused, its whole
+    attention) is one custom node for the TensorRT plugin, backed by a model-local ONNX function
+    so ONNX Runtime runs the same file. The folder appears only
     when every component was written and validated.
     """
     # Library import chatter (transformers' optional-backend notes) would bury the progress.
@@ -79,6 +89,7 @@ def command(
         vae_encoder=vae_encoder,
         external_data_threshold=external_data_threshold,
         per_layer=per_layer,
+        attention_node=attention_node,
         progress=click.echo,
     )
     result = export_pipeline(model, choice.gates, out, options, no_gates=choice.no_gates)

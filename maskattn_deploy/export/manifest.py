@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from maskattn_deploy.export.folder import ExportManifest, GatesEntry, ModelEntry
+from maskattn_deploy.export.onnx_op import ATTENTION_NODES
 from maskattn_deploy.export.spec import EXPORT_FORMAT, MANIFEST_NAME
 from maskattn_deploy.ops.contract import (
     ONNX_DOMAIN,
-    PLUGIN_NAME,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
 )
@@ -129,8 +129,10 @@ def build_manifest(
     precision: str,
     results: list[ComponentResult],
     validated: bool,
+    attention_node: str = "softmax",
 ) -> ExportManifest:
-    """The manifest of the files now in ``folder``."""
+    """The manifest of the files now in ``folder`` (``attention_node``: the custom node type
+    of the gated layers, see :data:`~maskattn_deploy.export.onnx_op.ATTENTION_NODES`)."""
     unet = next((r for r in results if r.name == "unet"), None)
     return ExportManifest(
         format=EXPORT_FORMAT,
@@ -145,7 +147,8 @@ def build_manifest(
         components={r.name: r.manifest_entry() for r in results},
         gated_layers=list(unet.gated_layers) if unet is not None else [],
         plugin={
-            "op_type": PLUGIN_NAME,
+            "op_type": ATTENTION_NODES[attention_node],
+            "attention_node": attention_node,
             "domain": ONNX_DOMAIN,
             "plugin_namespace": PLUGIN_NAMESPACE,
             "plugin_version": PLUGIN_VERSION,

@@ -46,6 +46,7 @@ from maskattn_deploy.export.metadata import (
     save_tokenizer,
     write_metadata,
 )
+from maskattn_deploy.export.onnx_op import ATTENTION_NODES
 from maskattn_deploy.export.recipe import ExportRecipe, resolve_recipe
 from maskattn_deploy.export.results import ComponentResult, ExportResult, human_size
 from maskattn_deploy.export.shapes import ShapeRanges, torch_dims
@@ -64,7 +65,7 @@ from maskattn_deploy.export.validate import (
     ort_session,
     reference_outputs,
 )
-from maskattn_deploy.gating import installed_gates, remove_gates
+from maskattn_deploy.gating import AttentionImpl, installed_gates, remove_gates
 from maskattn_deploy.gating.checkpoint import read_checkpoint
 from maskattn_deploy.models.choice import ModelChoice
 from maskattn_deploy.utils import atomic_dir
@@ -85,7 +86,10 @@ class ExportOptions:
     :class:`~maskattn_deploy.export.recipe.ExportRecipe` (shape ranges, profiles, opset).
     ``external_data_threshold`` (bytes, default 2 GB) moves weights to ``model.onnx.data``
     above it (0 forces it). ``per_layer`` adds each gated layer's probabilities as UNet outputs
-    ``probs/<layer>``. ``vae_fp16`` also casts the VAE (needs ``fp16``).
+    ``probs/<layer>``. ``vae_fp16`` also casts the VAE (needs ``fp16``). ``attention_node``:
+    ``softmax`` writes each gated layer's masked softmax as one ``MaskedSoftmax`` node,
+    ``fused`` its ``QK^T -> masked softmax -> PV`` as one ``MaskedCrossAttention`` node
+    (docs/export.md).
     """
 
     fp16: bool = False
@@ -96,6 +100,7 @@ class ExportOptions:
     vae_encoder: bool = False
     external_data_threshold: int | None = None
     per_layer: bool = False
+    attention_node: str = "softmax"
     progress: Progress | None = None
 
     @property
@@ -114,6 +119,18 @@ class ExportOptions:
             raise UserError(
                 "vae_fp16 needs fp16 (the fp32 export keeps every component fp32)",
                 params=("vae_fp16", "fp16"),
+            )
+        if self.attention_node not in ATTENTION_NODES:
+            raise UserError(
+                f"attention_node must be one of {', '.join(ATTENTION_NODES)}, got "
+                f"{self.attention_node!r}",
+                params=("attention_node",),
+            )
+        if self.attention_node == "fused" and self.per_layer:
+            raise UserError(
+                "per_layer needs attention_node softmax: the fused node never forms the "
+                "probabilities",
+                params=("per_layer", "attention_node"),
             )
 
 
@@ -161,8 +178,20 @@ def _to_fp16(component: Component, inplace: bool) -> None:
         module.half()
 
 
-def _trace(component: Component, ranges: ShapeRanges, opset: int) -> Any:
+def _trace(
+    component: Component, ranges: ShapeRanges, opset: int, attention_node: str = "softmax"
+) -> Any:
     """Dynamo export -> ONNXProgram (weights stay shared with the torch module)."""
+    gates = getattr(component.module, "gates", None)
+    if gates is None:
+        return _trace_module(component, ranges, opset)
+    # The gate mode decides which op the gated processors call, hence the custom node type.
+    attention = AttentionImpl.FUSED if attention_node == "fused" else AttentionImpl.OP
+    with gates.mode(attention=attention):
+        return _trace_module(component, ranges, opset)
+
+
+def _trace_module(component: Component, ranges: ShapeRanges, opset: int) -> Any:
     dims = torch_dims(ranges)
     example = component.graph_inputs(ranges.trace_point(), seed=0)
     axes = component.spec.dynamic_axes()
@@ -214,6 +243,7 @@ def export_component(
     *,
     per_layer: bool = False,
     external_data_threshold: int | None = None,
+    attention_node: str = "softmax",
 ) -> tuple[Path, bool, list[str], list[TensorSpec]]:
     """Trace, finish and save one component under ``root``.
 
@@ -221,7 +251,7 @@ def export_component(
     """
     import onnx_ir as ir
 
-    program = _trace(component, ranges, opset)
+    program = _trace(component, ranges, opset, attention_node)
     model = program.model
     graph_mod.optimize(model)
     layers = graph_mod.finalize(
@@ -259,6 +289,7 @@ def _export_and_validate(component: Component, run: _Run, inplace: bool) -> Comp
     path, external, layers, extra_outputs = export_component(
         component, run.root, ranges, opset,
         per_layer=options.per_layer, external_data_threshold=options.external_data_threshold,
+        attention_node=options.attention_node,
     )  # fmt: skip
     component.module = nn.Identity()  # drop the fp16 copy / reference to the weights early
     if inplace and run.release is not None:
@@ -379,8 +410,9 @@ def export_pipeline(
             _copy_configs(pipe, tmp)
             write_metadata(metadata, tmp)
             manifest = build_manifest(
-                tmp, source, recipe, options.precision, results, options.validate
-            )
+                tmp, source, recipe, options.precision, results, options.validate,
+                options.attention_node,
+            )  # fmt: skip
             write_manifest(tmp, manifest)
         finally:
             if not owned and gate_path is not None:
@@ -425,7 +457,7 @@ def export_unet(
         write_metadata(metadata, tmp)
         manifest = build_manifest(
             tmp, ExportSource(model, None, entry), recipe, options.precision, results,
-            options.validate,
+            options.validate, options.attention_node,
         )  # fmt: skip
         write_manifest(tmp, manifest)
     return ExportResult(out, manifest, results, time.perf_counter() - start)
