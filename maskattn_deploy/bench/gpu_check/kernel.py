@@ -18,9 +18,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,29 +46,6 @@ Tiling = tuple[int, int, int]  # (ROWS, num_warps, HEADS)
 BLOCK_T_77 = 128  # t = 77 padded: the block every timing shape and the sweep use
 
 
-def ensure_plugins_importable() -> None:
-    """Map ``maskattn_deploy.plugins`` onto ``<checkout>/plugins`` when the package is not
-    pip-installed (a bare source checkout on a lent GPU machine), as pyproject's package-dir does.
-    """
-    import importlib.util
-
-    import maskattn_deploy
-
-    if importlib.util.find_spec("maskattn_deploy.plugins") is not None:
-        return
-    folder = Path(maskattn_deploy.__file__).resolve().parent.parent / "plugins"
-    if not (folder / "__init__.py").is_file():
-        return
-    spec = importlib.util.spec_from_file_location(
-        "maskattn_deploy.plugins", folder / "__init__.py", submodule_search_locations=[str(folder)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["maskattn_deploy.plugins"] = module
-    spec.loader.exec_module(module)
-    maskattn_deploy.plugins = module  # type: ignore[attr-defined]
-
-
 def load_kernel(device: torch.device, module_name: str = KERNEL_MODULE) -> tuple[Any, str | None]:
     """``(kernel module, None)`` or ``(None, why it cannot run here)``; imports lazily."""
     from maskattn_deploy._lazy import available, install_hint
@@ -82,7 +57,6 @@ def load_kernel(device: torch.device, module_name: str = KERNEL_MODULE) -> tuple
             "the kernel runs on the CPU only under TRITON_INTERPRET=1 set before triton is "
             "imported (the dry run starts a child process with it)"
         )
-    ensure_plugins_importable()
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

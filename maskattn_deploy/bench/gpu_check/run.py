@@ -31,11 +31,7 @@ import torch
 from maskattn_deploy.bench.gpu_check.attention import attention_part
 from maskattn_deploy.bench.gpu_check.context import Echo, Recorder, RunContext
 from maskattn_deploy.bench.gpu_check.gate_head import gate_head_part
-from maskattn_deploy.bench.gpu_check.kernel import (
-    ensure_plugins_importable,
-    kernel_part,
-    load_kernel,
-)
+from maskattn_deploy.bench.gpu_check.kernel import kernel_part, load_kernel
 from maskattn_deploy.bench.gpu_check.plan import (
     BYTE_DEFINITION,
     SCHEMA,
@@ -204,7 +200,6 @@ PART_FUNCTIONS = {
 
 def run_check(config: CheckConfig, echo: Echo = print) -> CheckOutcome:
     """Run every part that fits the budget; the results are written to disk as they come."""
-    ensure_plugins_importable()
     if _needs_interpreter_child(config):
         return _run_in_interpreter_child(config, echo)
     device = _device(config)

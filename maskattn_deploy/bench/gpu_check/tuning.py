@@ -236,9 +236,6 @@ def compiler_resources(ctx: RunContext) -> list[KernelResources]:
 
 def resource_rows(arch: str, candidates: str) -> list[dict[str, Any]]:
     """The report as plain rows (also what the child process prints as JSON)."""
-    from maskattn_deploy.bench.gpu_check.kernel import ensure_plugins_importable
-
-    ensure_plugins_importable()
     from maskattn_deploy.plugins import gated_attention_triton as gat
     from maskattn_deploy.plugins import kernel_resources as kr
     from maskattn_deploy.plugins import masked_softmax_triton as mst
