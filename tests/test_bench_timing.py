@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from maskattn_deploy.bench.memory import PeakMemory
-from maskattn_deploy.bench.timing import PairedStats, Stats, measure, measure_interleaved
+from maskattn_deploy.bench.timing import (
+    PairedStats,
+    Stats,
+    Switched,
+    measure,
+    measure_interleaved,
+)
 
 
 def test_stats_on_known_samples() -> None:
@@ -42,7 +48,7 @@ def test_interleaving_alternates_and_switches_before_each_run() -> None:
         return fn
 
     paired = measure_interleaved(
-        run("a"), run("b"), repeats=4, warmup=1, before_a=switch("a"), before_b=switch("b")
+        Switched(run("a"), switch("a")), Switched(run("b"), switch("b")), repeats=4, warmup=1
     )
     assert log == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert paired.a.n == paired.b.n == 4

@@ -28,7 +28,13 @@ from typing import Any
 import torch
 
 from maskattn_deploy.bench.memory import MemoryPeak, PeakMemory
-from maskattn_deploy.bench.timing import PairedStats, Stats, measure, measure_interleaved
+from maskattn_deploy.bench.timing import (
+    PairedStats,
+    Stats,
+    Switched,
+    measure,
+    measure_interleaved,
+)
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.folder import ExportFolder, ExportManifest
 from maskattn_deploy.parity.inputs import ModelDims, ShapeCase, default_case, make_feed
@@ -566,15 +572,13 @@ def _unet_cases(
             (plain or backend).run("unet", feed)
 
         if plain is not None and config.unmasked:
-            before_a, before_b = switches or (_noop, _noop)
+            to_masked, to_plain = switches or (_noop, _noop)
             paired = measure_interleaved(
-                run_masked,
-                run_plain,
+                Switched(run_masked, to_masked),
+                Switched(run_plain, to_plain),
                 config.repeats,
                 config.warmup,
                 backend.synchronize,
-                before_a,
-                before_b,
                 settle=SETTLE_RUNS,
             )
             entry = UnetBench(name, case.label, paired.a, paired.b, paired.ratio)

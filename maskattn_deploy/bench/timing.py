@@ -180,39 +180,46 @@ class PairedStats:
         }
 
 
+@dataclass(frozen=True)
+class Switched:
+    """A variant of a model shared with the other variant of a pair: ``switch`` puts the model
+    into this variant (untimed), ``run`` is the call that is timed. Like a UNet with its gates
+    installed or removed."""
+
+    run: Callable[[], Any]
+    switch: Callable[[], None] = _no_sync
+
+
 def measure_interleaved(
-    run_a: Callable[[], Any],
-    run_b: Callable[[], Any],
+    a: Callable[[], Any] | Switched,
+    b: Callable[[], Any] | Switched,
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], None] = _no_sync,
-    before_a: Callable[[], None] = _no_sync,
-    before_b: Callable[[], None] = _no_sync,
     settle: int = 0,
     clock: Clock | None = None,
 ) -> PairedStats:
     """Alternate A and B (AB, BA, AB, ...) ``repeats`` times after ``warmup`` rounds of each.
 
-    ``before_a`` / ``before_b`` switch the shared model into that variant (untimed), for
-    variants that share one module, like a UNet with its gates installed or removed.
+    A variant is a callable, or a :class:`Switched` run whose switch is called before each of
+    its runs (warm-up included), for variants that share one module.
     ``settle`` untimed runs follow each switch before the timed run (see the module docstring).
     ``clock`` times one run (default: ``perf_counter`` with ``sync``).
     """
     if repeats < 1:
         raise ValueError("repeats must be at least 1")
     timed = clock or (lambda f: _timed(f, sync))
+    first, second = (v if isinstance(v, Switched) else Switched(v) for v in (a, b))
     for _ in range(warmup):
-        before_a()
-        run_a()
-        before_b()
-        run_b()
-    a: list[tuple[float, float]] = []
-    b: list[tuple[float, float]] = []
+        for variant in (first, second):
+            variant.switch()
+            variant.run()
+    runs: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
     for i in range(repeats):
-        order = ((before_a, run_a, a), (before_b, run_b, b))
-        for switch, fn, sink in order if i % 2 == 0 else order[::-1]:
-            switch()
+        order = ((first, runs[0]), (second, runs[1]))
+        for variant, sink in order if i % 2 == 0 else order[::-1]:
+            variant.switch()
             for _ in range(settle):
-                fn()
-            sink.append(timed(fn))
-    return PairedStats(_stats(a), _stats(b))
+                variant.run()
+            sink.append(timed(variant.run))
+    return PairedStats(_stats(runs[0]), _stats(runs[1]))
