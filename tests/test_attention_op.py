@@ -39,7 +39,7 @@ def explicit(q, k, v, g, threshold: float, scale: float) -> torch.Tensor:
 
 @pytest.mark.parametrize(("t", "threshold"), [(1, 0.0), (2, 0.0), (13, 0.0), (13, 0.7), (13, -9.0)])
 def test_reference_matches_explicit(t: int, threshold: float) -> None:
-    inputs = random_inputs(2, 2, 5, t, 8, dtype=torch.float32, open_fraction=0.3, seed=t)
+    inputs = random_inputs((2, 2, 5, t, 8), dtype=torch.float32, open_fraction=0.3, seed=t)
     i = inputs
     got = gated_attention_reference(i.q, i.k, i.v, i.gate_logits, threshold, i.scale)
     want = explicit(i.q, i.k, i.v, i.gate_logits, threshold, i.scale)
@@ -47,7 +47,7 @@ def test_reference_matches_explicit(t: int, threshold: float) -> None:
 
 
 def test_reference_fallback_and_ties() -> None:
-    i = random_inputs(1, 2, 3, 10, 8, dtype=torch.float32)
+    i = random_inputs((1, 2, 3, 10, 8), dtype=torch.float32)
     g = torch.full((1, 3, 10), -2.0)
     g[0, 0, 3] = g[0, 0, 7] = -0.5  # nothing open, tie: token 3
     g[0, 1, 5] = 1.0  # one open token
@@ -67,7 +67,7 @@ FLEX_ATOL = {torch.float32: 2e-6, torch.float16: 3e-3, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("t", "d"), [(1, 16), (2, 64), (77, 80), (154, 128), (231, 16)])
 def test_flex_matches_reference(t: int, d: int, dtype: torch.dtype) -> None:
-    i = random_inputs(2, 3, 7, t, d, dtype=dtype, seed=d + t)
+    i = random_inputs((2, 3, 7, t, d), dtype=dtype, seed=d + t)
     i.gate_logits[0, 1] = -5.0  # an all-closed row: the argmax fallback
     got = flex_gated_attention(i.q, i.k, i.v, i.gate_logits, i.threshold, i.scale)
     want = gated_attention_reference(i.q, i.k, i.v, i.gate_logits, i.threshold, i.scale)
@@ -79,7 +79,7 @@ def test_flex_matches_reference(t: int, d: int, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("impl", ["reference", "triton", "flex"])
 def test_op_impls_on_cpu(impl: str) -> None:
-    i = random_inputs(2, 2, 9, 77, 16, dtype=torch.float32)
+    i = random_inputs((2, 2, 9, 77, 16), dtype=torch.float32)
     got = run(i, impl)
     want = gated_attention_reference(i.q, i.k, i.v, i.gate_logits, i.threshold, i.scale)
     # triton on CPU without TRITON_INTERPRET takes the reference path: bit-identical.
@@ -88,23 +88,23 @@ def test_op_impls_on_cpu(impl: str) -> None:
 
 
 def test_forced_open_equals_sdpa() -> None:
-    i = random_inputs(2, 2, 9, 77, 16, dtype=torch.float32)
+    i = random_inputs((2, 2, 9, 77, 16), dtype=torch.float32)
     i.threshold = float("-inf")
     for impl in ("reference", "flex"):
         torch.testing.assert_close(run(i, impl), run_sdpa(i), atol=2e-6, rtol=0)
 
 
 def test_random_inputs_open_fraction() -> None:
-    i = random_inputs(1, 1, 256, 77, 16, open_fraction=0.25)
+    i = random_inputs((1, 1, 256, 77, 16), open_fraction=0.25)
     assert i.shape == (1, 1, 256, 77, 16)
     assert abs(float((i.gate_logits > 0).float().mean()) - 0.25) < 0.02
     assert i.q.dtype == torch.float16 and i.gate_logits.dtype == torch.float32
     with pytest.raises(ValueError, match="open_fraction"):
-        random_inputs(1, 1, 4, 4, 16, open_fraction=0.0)
+        random_inputs((1, 1, 4, 4, 16), open_fraction=0.0)
 
 
 def test_errors_name_the_problem() -> None:
-    i = random_inputs(1, 2, 4, 7, 16, dtype=torch.float32)
+    i = random_inputs((1, 2, 4, 7, 16), dtype=torch.float32)
     with pytest.raises(ValueError, match=r"gate logits \[b,n,t\]"):
         gated_attention_op(i.q, i.k, i.v, i.gate_logits[:, None])
     with pytest.raises(ValueError, match="do not match"):
@@ -120,7 +120,7 @@ def test_errors_name_the_problem() -> None:
 def test_fake_kernel_matches_the_real_output() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    i = random_inputs(2, 3, 5, 77, 16, dtype=torch.float16)
+    i = random_inputs((2, 3, 5, 77, 16), dtype=torch.float16)
     real = run(i, "reference")
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake = gated_attention(
@@ -131,7 +131,7 @@ def test_fake_kernel_matches_the_real_output() -> None:
 
 
 def test_torch_compile_traces_the_op_without_graph_breaks() -> None:
-    i = random_inputs(2, 2, 9, 77, 16, dtype=torch.float32)
+    i = random_inputs((2, 2, 9, 77, 16), dtype=torch.float32)
 
     def layer(q, k, v, g):
         o = gated_attention_op(q * 1.0, k, v, g, 0.0, 0.25)
@@ -146,6 +146,6 @@ def test_torch_compile_traces_the_op_without_graph_breaks() -> None:
 
 
 def test_sdpa_entry_point_is_unmasked_attention() -> None:
-    i = random_inputs(1, 2, 6, 77, 16, dtype=torch.float32)
+    i = random_inputs((1, 2, 6, 77, 16), dtype=torch.float32)
     want = F.scaled_dot_product_attention(i.q.contiguous(), i.k.contiguous(), i.v.contiguous())
     torch.testing.assert_close(run_sdpa(i), want, atol=1e-6, rtol=0)

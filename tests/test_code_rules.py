@@ -29,7 +29,6 @@ LONG_MODULES = {
 # module:function -> why it still takes more parameters.
 LONG_SIGNATURES = {
     "maskattn_deploy/bench/run.py:_unet_cases": "to be split with the GPU check's package",
-    "maskattn_deploy/ops/attention.py:random_inputs": "case shape to become one object",
 }
 # Signatures fixed by a framework: click passes one keyword per flag to a command, a Triton
 # kernel's parameters are its launch arguments.

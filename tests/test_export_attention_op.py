@@ -92,7 +92,7 @@ def contract_gates(g: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(("t", "d"), [(1, 16), (2, 64), (77, 80), (154, 16), (231, 128)])
 @pytest.mark.parametrize("threshold", [0.0, 0.4])
 def test_function_matches_reference_fp32(t: int, d: int, threshold: float) -> None:
-    i = random_inputs(2, 3, 5, t, d, dtype=torch.float32, seed=t + d)
+    i = random_inputs((2, 3, 5, t, d), dtype=torch.float32, seed=t + d)
     g = contract_gates(i.gate_logits)
     got = run(one_node_model(TensorProto.FLOAT, TensorProto.FLOAT, threshold, i.scale),
               i.q, i.k, i.v, g)  # fmt: skip
@@ -107,7 +107,7 @@ def test_function_matches_reference_fp32(t: int, d: int, threshold: float) -> No
 
 @pytest.mark.parametrize("g_type", [TensorProto.FLOAT, TensorProto.FLOAT16])
 def test_function_fp16(g_type: int) -> None:
-    i = random_inputs(2, 2, 6, 77, 64, dtype=torch.float16, seed=3)
+    i = random_inputs((2, 2, 6, 77, 64), dtype=torch.float16, seed=3)
     g = contract_gates(i.gate_logits)
     g = g.half() if g_type == TensorProto.FLOAT16 else g
     got = run(one_node_model(TensorProto.FLOAT16, g_type, 0.0, i.scale), i.q, i.k, i.v, g)
@@ -119,7 +119,7 @@ def test_function_fp16(g_type: int) -> None:
 
 
 def test_forced_open_is_plain_attention() -> None:
-    i = random_inputs(2, 2, 3, 77, 16, dtype=torch.float32, seed=5)
+    i = random_inputs((2, 2, 3, 77, 16), dtype=torch.float32, seed=5)
     got = run(one_node_model(TensorProto.FLOAT, TensorProto.FLOAT, float("-inf"), i.scale),
               i.q, i.k, i.v, i.gate_logits)  # fmt: skip
     want = torch.nn.functional.scaled_dot_product_attention(i.q, i.k, i.v, scale=i.scale)
@@ -127,7 +127,7 @@ def test_forced_open_is_plain_attention() -> None:
 
 
 def test_inlined_function_gives_identical_outputs() -> None:
-    i = random_inputs(2, 3, 5, 77, 16, dtype=torch.float32, seed=11)
+    i = random_inputs((2, 3, 5, 77, 16), dtype=torch.float32, seed=11)
     model = one_node_model(TensorProto.FLOAT, TensorProto.FLOAT, 0.0, i.scale)
     inlined = inline_functions(model)
     assert not custom_nodes(inlined.graph.node) and not inlined.functions
@@ -154,7 +154,7 @@ class _Layer(torch.nn.Module):
 
 
 def test_dynamo_export_emits_one_attributed_custom_node() -> None:
-    i = random_inputs(2, 3, 4, 77, 16, dtype=torch.float32, seed=2)
+    i = random_inputs((2, 3, 4, 77, 16), dtype=torch.float32, seed=2)
     args = (i.q, i.k, i.v, i.gate_logits)
     program = torch.onnx.export(
         _Layer().eval(), args, dynamo=True, custom_translation_table=translation_table(),

@@ -28,7 +28,7 @@ import functools
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -141,6 +141,17 @@ def _compiled_flex() -> Any:
 # --- entry points for benchmarks and the GPU check -----------------------------------------
 
 
+class AttentionDims(NamedTuple):
+    """The sizes of one gated attention call: batch, heads, latent tokens ``n``, text tokens
+    ``t``, head width ``d`` (a plain ``(b, h, n, t, d)`` tuple unpacks the same way)."""
+
+    batch: int
+    heads: int
+    n_tokens: int
+    t: int
+    head_dim: int
+
+
 @dataclass
 class GatedAttentionInputs:
     """Inputs of one gated attention call; ``q``/``k``/``v`` are ``[b, h, *, d]`` views of the
@@ -154,27 +165,25 @@ class GatedAttentionInputs:
     scale: float
 
     @property
-    def shape(self) -> tuple[int, int, int, int, int]:
+    def shape(self) -> AttentionDims:
         """``(b, h, n, t, d)``."""
         b, h, n, d = self.q.shape
-        return b, h, n, self.k.shape[2], d
+        return AttentionDims(b, h, n, self.k.shape[2], d)
 
 
 def random_inputs(
-    batch: int,
-    heads: int,
-    n_tokens: int,
-    t: int,
-    head_dim: int,
+    dims: AttentionDims | tuple[int, int, int, int, int],
     *,
     dtype: torch.dtype = torch.float16,
     device: str | torch.device = "cpu",
     open_fraction: float = 0.3,
     seed: int = 0,
 ) -> GatedAttentionInputs:
-    """Seeded inputs: unit-variance q/k/v, fp32 gate logits opening about ``open_fraction``."""
+    """Seeded inputs of sizes ``dims``: unit-variance q/k/v, fp32 gate logits opening about
+    ``open_fraction``."""
     if not 0.0 < open_fraction <= 1.0:
         raise ValueError(f"open_fraction must be in (0, 1], got {open_fraction}")
+    batch, heads, n_tokens, t, head_dim = dims
     gen = torch.Generator().manual_seed(seed)
 
     def projection(tokens: int) -> torch.Tensor:

@@ -35,7 +35,7 @@ def attention_part(part: Part[AttentionData], ctx: RunContext) -> None:
     data = part.data = AttentionData(module=TRITON_MODULE if ctx.kernel is not None else None)
     dtype = getattr(torch, ctx.plan.attention_dtype)
     for i, (b, h, n, t, d) in enumerate(ctx.plan.attention_shapes):
-        inputs = ops.random_inputs(b, h, n, t, d, dtype=dtype, device=ctx.device,
+        inputs = ops.random_inputs((b, h, n, t, d), dtype=dtype, device=ctx.device,
                                    open_fraction=OPEN_FRACTION, seed=ctx.config.seed + i)  # fmt: skip
         row = AttentionShape([b, h, n, t, d], ctx.plan.attention_dtype, _open(inputs))
         data.shapes.append(row)

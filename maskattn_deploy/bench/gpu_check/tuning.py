@@ -148,7 +148,7 @@ def sweep_gated_attention(ctx: RunContext) -> Sweep:
     dtype = getattr(torch, ctx.plan.attention_dtype)
     cases = []
     for i, (b, h, n, t, d) in enumerate(ctx.plan.attention_shapes):
-        inputs = ops.random_inputs(b, h, n, t, d, dtype=dtype, device=ctx.device,
+        inputs = ops.random_inputs((b, h, n, t, d), dtype=dtype, device=ctx.device,
                                    open_fraction=OPEN_FRACTION, seed=ctx.config.seed + i)  # fmt: skip
         cases.append((f"{[b, h, n, t, d]}", inputs, _reference(inputs)))
     sweep = Sweep("ok", candidates=[], criterion=CRITERION + "; default: per shape, "
