@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from maskattn_deploy.bench.config import BenchSetup
 from maskattn_deploy.bench.memory import MemoryPeak
 from maskattn_deploy.bench.report import bench_markdown, bench_text
-from maskattn_deploy.bench.run import (
-    BenchResult,
-    PipelineBench,
-    UnetBench,
-    _Setup,
-    _targets,
-)
+from maskattn_deploy.bench.results import BenchResult, PipelineBench, UnetBench
+from maskattn_deploy.bench.run import _targets
 from maskattn_deploy.bench.timing import Stats
 from maskattn_deploy.parity.inputs import ShapeCase
 
@@ -31,8 +27,10 @@ def _result() -> BenchResult:
     return result
 
 
-def _setup() -> _Setup:
-    return _Setup("tiny", None, "fp32", torch.device("cpu"), None, None, [ShapeCase(2, 256, 256)])
+def _setup() -> BenchSetup:
+    return BenchSetup(
+        "tiny", None, "fp32", torch.device("cpu"), None, None, [ShapeCase(2, 256, 256)]
+    )
 
 
 def test_targets_from_measurements() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from maskattn_deploy.bench.run import BenchResult
+from maskattn_deploy.bench.results import BenchResult
 from maskattn_deploy.parity.report import fmt, md_table
 
 
