@@ -22,7 +22,13 @@ SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", 
 
 
 @click.command("generate")
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option(
+    "--batch-file",
+    type=click.Path(path_type=Path),
+    help="Prompts file, one request per line (plain prompt or JSON object); requests that share "
+    "size and steps run through one UNet call per step. Seeds: --seed + request number.",
+)
 @click.option(
     "--negative-prompt",
     default="",
@@ -106,7 +112,8 @@ SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", 
 )
 @click.option("--no-progress", is_flag=True, help="Hide the per-step progress bar.")
 def command(
-    prompt: str,
+    prompt: str | None,
+    batch_file: Path | None,
     negative_prompt: str,
     backend: str,
     export_dir: Path | None,
@@ -127,16 +134,20 @@ def command(
     device: str | None,
     no_progress: bool,
 ) -> None:
-    """Generate images from PROMPT via ONNX Runtime (default), TensorRT or PyTorch.
+    """Generate images from PROMPT (or every line of --batch-file) via ONNX Runtime (default),
+    TensorRT or PyTorch.
 
     With no options it runs the built-in tiny model on the CPU, so it works on a fresh machine.
     Each PNG carries its settings (prompt, seed, steps, backend, model and gate hashes...) in
     its metadata.
     """
+    from maskattn_deploy.errors import UserError
     from maskattn_deploy.runtime.api import GenerateOptions, run_generate
 
+    if (prompt is None) == (batch_file is None):
+        raise UserError("pass either a PROMPT or --batch-file FILE")
     options = GenerateOptions(
-        prompt=prompt,
+        prompt=prompt or "",
         negative_prompt=negative_prompt,
         backend=backend,
         export_dir=export_dir,
@@ -159,6 +170,9 @@ def command(
         device=device,
         progress=not no_progress,
     )
+    if batch_file is not None:
+        _run_batch_file(options, batch_file)
+        return
     report = run_generate(options, say=lambda line: click.echo(line, err=True))
     for path in report.images:
         click.echo(f"wrote {path}")
@@ -171,3 +185,19 @@ def command(
     click.echo(report.result.timings.table())
     if json_path is not None:
         click.echo(f"wrote {json_path}")
+
+
+def _run_batch_file(options, batch_file: Path) -> None:
+    from maskattn_deploy.runtime.batch_file import run_generate_batch
+
+    report = run_generate_batch(options, batch_file, say=lambda line: click.echo(line, err=True))
+    for path in report.images:
+        click.echo(f"wrote {path}")
+    count = len(report.results)
+    sizes = ", ".join(str(len(batch)) for batch in report.batches)
+    click.echo(
+        f"{count} request(s) in {len(report.batches)} batch(es) of {sizes}: "
+        f"{report.seconds:.2f} s, {report.seconds / count * 1e3:.0f} ms per request"
+    )
+    if options.json_path is not None:
+        click.echo(f"wrote {options.json_path}")

@@ -1,10 +1,12 @@
 """Gate masks a person can look at: per gated stage, one panel per prompt token.
 
-During a torch-backend run the GateSet records every gated layer's open mask ``[rows, n, t]``
-(bool) per UNet evaluation. :class:`MaskAccumulator` folds them, step by step, into the fraction
+During a run the backend records every gated layer's open mask ``[rows, n, t]`` (bool) per UNet
+evaluation (the torch backend through its GateSet, ONNX Runtime from the gate logits entering
+each masked-softmax node). :class:`MaskAccumulator` folds them, step by step, into the fraction
 of evaluations and layers of each stage in which latent cell (y, x) may attend to token t,
-upsampled (nearest) to the latent grid: ``[images, t, h, w]`` in [0, 1]. Only the conditional
-rows of classifier-free guidance count (the unconditional half sees the negative prompt).
+upsampled (nearest) to the latent grid: ``[images, t, h, w]`` in [0, 1], and into each layer's
+overall open fraction per image. Only the conditional rows of classifier-free guidance count
+(the unconditional half sees the negative prompt).
 
 :func:`render_mask_grid` draws one grid per (image, stage): the generated image first, then one
 panel per token from the start token to the end token inclusive (padding after the end token
@@ -41,36 +43,51 @@ def layer_grid(n: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 class MaskAccumulator:
-    """Running sum of open masks per stage, on the latent grid, for the conditional rows."""
+    """Running sums of open masks over the conditional rows: per stage on the latent grid
+    (``spatial``) and per layer as one open fraction per row."""
 
     def __init__(
         self,
         stage_of: Callable[[str], str],
         latent_hw: tuple[int, int],
         num_images: int,
+        spatial: bool = True,
     ) -> None:
         self.stage_of = stage_of
         self.latent_hw = latent_hw
-        self.num_images = num_images
+        self.num_images = num_images  # conditional rows: the last rows of every mask
+        self.spatial = spatial
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = defaultdict(int)
+        self.layer_sums: dict[str, torch.Tensor] = {}
+        self.layer_counts: dict[str, int] = defaultdict(int)
 
     def drain(self, records: dict[str, list[torch.Tensor]]) -> None:
         """Fold and clear the masks recorded since the last call (keeps memory flat)."""
         for layer, masks in records.items():
-            stage = self.stage_of(layer)
             for mask in masks:  # [rows, n, t] bool; CFG rows are [uncond..., cond...]
                 cond = mask[-self.num_images :].float()  # [N, n, t]
-                h, w = layer_grid(cond.shape[1], self.latent_hw)
-                grid = cond.reshape(cond.shape[0], h, w, -1).permute(0, 3, 1, 2)  # [N, t, h, w]
-                grid = F.interpolate(grid, size=self.latent_hw, mode="nearest")
-                self.sums[stage] = self.sums[stage] + grid if stage in self.sums else grid
-                self.counts[stage] += 1
+                per_row = cond.mean(dim=(1, 2))
+                self.layer_sums[layer] = self.layer_sums.get(layer, 0) + per_row
+                self.layer_counts[layer] += 1
+                if self.spatial:
+                    self._add_spatial(self.stage_of(layer), cond)
             masks.clear()
+
+    def _add_spatial(self, stage: str, cond: torch.Tensor) -> None:
+        h, w = layer_grid(cond.shape[1], self.latent_hw)
+        grid = cond.reshape(cond.shape[0], h, w, -1).permute(0, 3, 1, 2)  # [N, t, h, w]
+        grid = F.interpolate(grid, size=self.latent_hw, mode="nearest")
+        self.sums[stage] = self.sums[stage] + grid if stage in self.sums else grid
+        self.counts[stage] += 1
 
     def fractions(self) -> dict[str, torch.Tensor]:
         """stage -> open fraction ``[N, t, h, w]`` averaged over evaluations and layers."""
         return {stage: total / self.counts[stage] for stage, total in sorted(self.sums.items())}
+
+    def layer_fractions(self) -> dict[str, torch.Tensor]:
+        """layer -> ``[N]`` fraction of open (cell, token) entries, averaged over evaluations."""
+        return {layer: total / self.layer_counts[layer] for layer, total in self.layer_sums.items()}
 
 
 def token_labels(tokenizer, input_ids: Sequence[int]) -> list[str]:

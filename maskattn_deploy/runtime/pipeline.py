@@ -24,7 +24,7 @@ import contextlib
 import inspect
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.spec import LATENT_FACTOR
 from maskattn_deploy.runtime.base import Backend
+from maskattn_deploy.runtime.batching import RowLayout, check_same_key, unet_rows
 from maskattn_deploy.runtime.masks import MaskAccumulator, token_labels
 from maskattn_deploy.runtime.model_info import ModelInfo
 from maskattn_deploy.runtime.schedulers import SCHEDULERS, make_scheduler
@@ -117,6 +118,10 @@ class GenerateResult:
     token_labels: list[str]
     masks: dict[str, torch.Tensor] | None = None  # stage -> [N, t, h, w] open fractions
     warnings: list[str] = field(default_factory=list)
+    # gated layer -> fraction of open (latent cell, token) gate entries over the conditional
+    # rows and every UNet evaluation (generate_batch(gate_stats=True))
+    gate_open: dict[str, float] | None = None
+    batch_size: int = 1  # requests that shared this result's UNet calls
 
 
 @dataclass
@@ -125,6 +130,23 @@ class _Conditioning:
     pooled: torch.Tensor  # [rows, P]
     time_ids: torch.Tensor  # [rows, 6]
     prompt_ids: list[int]
+
+
+@dataclass
+class _Request:
+    """One request's state while its batch runs."""
+
+    config: GenerateConfig
+    cond: _Conditioning
+    scheduler: Any
+    noise: torch.Tensor  # seeded initial noise, CPU fp32, unscaled
+    latents: torch.Tensor
+    step_kwargs: dict[str, Any]
+
+
+def _uncond(rows: torch.Tensor, config: GenerateConfig) -> torch.Tensor | None:
+    """The unconditional half of a request's conditioning rows (None without guidance)."""
+    return rows[: config.num_images] if config.do_cfg else None
 
 
 class Pipeline:
@@ -251,8 +273,12 @@ class Pipeline:
             scaled = latents * std / info.vae_scaling_factor + mean
         else:
             scaled = latents / info.vae_scaling_factor
-        out = self.backend.run("vae_decoder", {"latent_sample": scaled})["sample"]
-        return out.float().cpu()
+        step = self.max_rows or scaled.shape[0]
+        chunks = [
+            self.backend.run("vae_decoder", {"latent_sample": scaled[i : i + step]})["sample"]
+            for i in range(0, scaled.shape[0], step)
+        ]
+        return torch.cat([out.float().cpu() for out in chunks])
 
     # ------------------------------------------------------------------ run
 
@@ -268,99 +294,184 @@ class Pipeline:
         warmup_s = None
         if warmup:
             start = time.perf_counter()
-            self._run(replace(config, steps=min(config.steps, 2)), False, False)
+            self._run([replace(config, steps=min(config.steps, 2))], False, False, False)
             warmup_s = time.perf_counter() - start
-        result = self._run(config, progress, record_masks)
+        result = self._run([config], progress, record_masks, False)[0]
         result.timings.warmup_s = warmup_s
         return result
 
+    @property
+    def max_rows(self) -> int | None:
+        """Most UNet rows one call may take (the export's batch range; None: no limit)."""
+        return self.info.batch_range[1] if self.info.batch_range else None
+
+    def generate_batch(
+        self,
+        configs: Sequence[GenerateConfig],
+        progress: bool = False,
+        record_masks: bool = False,
+        gate_stats: bool = False,
+    ) -> list[GenerateResult]:
+        """Run requests that share a :func:`~maskattn_deploy.runtime.batching.batch_key` together.
+
+        One UNet call per step serves all of them (see :mod:`maskattn_deploy.runtime.batching`);
+        each request keeps its own prompt, seed, guidance scale and scheduler, and gets its own
+        result. ``gate_stats`` fills each result's per-layer open-gate fractions,
+        ``record_masks`` its per-stage mask maps. Use
+        :func:`~maskattn_deploy.runtime.batching.plan_batches` to split mixed requests.
+        """
+        if not configs:
+            return []
+        resolved = [self.resolve(config) for config in configs]
+        check_same_key(resolved)
+        rows = sum(unet_rows(config) for config in resolved)
+        if self.max_rows is not None and rows > self.max_rows:
+            raise UserError(
+                f"{len(resolved)} requests need UNet batch {rows}, but the export accepts at "
+                f"most {self.max_rows}; split them with plan_batches(configs, pipeline.max_rows)"
+            )
+        return self._run(resolved, progress, record_masks, gate_stats)
+
     def _mask_context(self, record: bool) -> contextlib.AbstractContextManager[Any]:
-        gates = getattr(self.backend, "gates", None)
         if not record:
             return contextlib.nullcontext(None)
-        if gates is None:
+        recording = getattr(self.backend, "recording", None)
+        if recording is None:
             raise UserError(
                 "masks can only be recorded on the torch backend with gates installed "
                 "(drop --no-gates, or record them with a torch reference pass)"
             )
-        return gates.recording()
+        return recording()
 
-    def _run(self, config: GenerateConfig, progress: bool, record_masks: bool) -> GenerateResult:
-        warn: list[str] = []
-        timings = Timings()
-        device = self.backend.device
-        start = time.perf_counter()
+    def _prepare(self, config: GenerateConfig, warn: list[str]) -> _Request:
+        """Conditioning, scheduler, seeded latents and step arguments of one request."""
         cond = self._condition(config, warn)
-        self.backend.synchronize()
-        timings.text_encoders_s = time.perf_counter() - start
-
         scheduler = make_scheduler(config.scheduler, self.info.scheduler_config)
-        scheduler.set_timesteps(config.steps, device=device)
+        scheduler.set_timesteps(config.steps, device=self.backend.device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         noise, generator = self.initial_latents(config)
-        latents = noise.to(device) * scheduler.init_noise_sigma
-        step_kwargs = _step_kwargs(scheduler, generator)
+        latents = noise.to(self.backend.device) * scheduler.init_noise_sigma
+        return _Request(config, cond, scheduler, noise, latents, _step_kwargs(scheduler, generator))
+
+    def _run(
+        self,
+        configs: list[GenerateConfig],
+        progress: bool,
+        record_masks: bool,
+        gate_stats: bool,
+    ) -> list[GenerateResult]:
+        warns: list[list[str]] = [[] for _ in configs]
+        timings = Timings()
+        start = time.perf_counter()
+        requests = [self._prepare(c, w) for c, w in zip(configs, warns, strict=True)]
+        self.backend.synchronize()
+        timings.text_encoders_s = time.perf_counter() - start
+        layout = RowLayout.of([c.num_images for c in configs], [c.do_cfg for c in configs])
         accumulator = None
-        with self._mask_context(record_masks) as records:
+        with self._mask_context(record_masks or gate_stats) as records:
             if records is not None:
-                gates = self.backend.gates  # type: ignore[attr-defined]
-                hw = (config.height // LATENT_FACTOR, config.width // LATENT_FACTOR)
-                accumulator = MaskAccumulator(gates.stage_of, hw, config.num_images)
-            for t in _progress(scheduler.timesteps, progress, self.backend.name):
+                first = configs[0]
+                hw = (first.height // LATENT_FACTOR, first.width // LATENT_FACTOR)
+                accumulator = MaskAccumulator(
+                    self.backend.stage_of, hw, layout.cond_rows, spatial=record_masks
+                )
+            steps = range(len(requests[0].scheduler.timesteps))
+            for index in _progress(steps, progress, self.backend.name):
                 step_start = time.perf_counter()
-                noise_pred = self._unet(latents, t, cond, config, scheduler)
-                latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[
-                    0
-                ]
+                self._step(requests, layout, index)
                 self.backend.synchronize()
                 timings.unet_steps_s.append(time.perf_counter() - step_start)
                 if accumulator is not None:
                     accumulator.drain(records)
 
         vae_start = time.perf_counter()
-        pixels = self._decode(latents)
+        pixels = self._decode(torch.cat([r.latents for r in requests]))
         self.backend.synchronize()
         timings.vae_s = time.perf_counter() - vae_start
         images = _postprocess(pixels)
         timings.total_s = time.perf_counter() - start
-        return GenerateResult(
-            config=config,
-            images=images,
-            latents=latents.float().cpu(),
-            initial_latents=noise,
-            pixels=pixels,
-            timings=timings,
-            settings=self.settings(config),
-            token_labels=token_labels(self.info.tokenizer, cond.prompt_ids),
-            masks=accumulator.fractions() if accumulator is not None else None,
-            warnings=warn,
-        )
+        return self._results(requests, layout, warns, timings, pixels, images, accumulator)
 
-    def _unet(
+    def _results(
         self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        cond: _Conditioning,
-        config: GenerateConfig,
-        scheduler: Any,
-    ) -> torch.Tensor:
-        """One guided noise prediction (fp32, on the backend device)."""
-        model_in = torch.cat([latents] * 2) if config.do_cfg else latents
-        model_in = scheduler.scale_model_input(model_in, t)
+        requests: list[_Request],
+        layout: RowLayout,
+        warns: list[list[str]],
+        timings: Timings,
+        pixels: torch.Tensor,
+        images: list[Any],
+        accumulator: MaskAccumulator | None,
+    ) -> list[GenerateResult]:
+        """Split the batch's outputs into one result per request (rows in request order)."""
+        results = []
+        offset = 0
+        masks = accumulator.fractions() if accumulator is not None and accumulator.spatial else None
+        layers = accumulator.layer_fractions() if accumulator is not None else None
+        for request, rows, warn in zip(requests, layout.cond_slices_from_end(), warns, strict=True):
+            config, n = request.config, request.config.num_images
+            results.append(
+                GenerateResult(
+                    config=config,
+                    images=images[offset : offset + n],
+                    latents=request.latents.float().cpu(),
+                    initial_latents=request.noise,
+                    pixels=pixels[offset : offset + n],
+                    timings=replace(timings, unet_steps_s=list(timings.unet_steps_s)),
+                    settings=self.settings(config),
+                    token_labels=token_labels(self.info.tokenizer, request.cond.prompt_ids),
+                    masks={k: v[rows] for k, v in masks.items()} if masks is not None else None,
+                    warnings=warn,
+                    gate_open={k: float(v[rows].mean()) for k, v in layers.items()}
+                    if layers is not None
+                    else None,
+                    batch_size=len(requests),
+                )
+            )
+            offset += n
+        return results
+
+    def _step(self, requests: list[_Request], layout: RowLayout, index: int) -> None:
+        """One denoising step of every request through one batched UNet call."""
+        scaled = [
+            r.scheduler.scale_model_input(r.latents, r.scheduler.timesteps[index]) for r in requests
+        ]
+        uncond = [s if r.config.do_cfg else None for r, s in zip(requests, scaled, strict=True)]
+        conds = [r.cond for r in requests]
+
+        def rows_of(name: str) -> torch.Tensor:
+            return layout.assemble(
+                [_uncond(getattr(c, name), r.config) for c, r in zip(conds, requests, strict=True)],
+                [
+                    getattr(c, name)[-r.config.num_images :]
+                    for c, r in zip(conds, requests, strict=True)
+                ],
+            )
+
+        model_in = layout.assemble(uncond, scaled)
+        t = requests[0].scheduler.timesteps[index]
         feed = {
             "sample": model_in,
             # One timestep for every row, as diffusers passes it; the graph broadcasts it.
-            "timestep": t.to(device=latents.device, dtype=torch.float32).reshape(1),
-            "encoder_hidden_states": cond.embeds,
-            "text_embeds": cond.pooled,
-            "time_ids": cond.time_ids,
+            "timestep": t.to(device=model_in.device, dtype=torch.float32).reshape(1),
+            "encoder_hidden_states": rows_of("embeds"),
+            "text_embeds": rows_of("pooled"),
+            "time_ids": rows_of("time_ids"),
         }
-        out = self.backend.run("unet", feed)["out_sample"].to(latents.device).float()
-        if config.do_cfg:
-            uncond, text = out.chunk(2)
-            out = uncond + config.guidance * (text - uncond)
-        return out
+        out = self.backend.run("unet", feed)["out_sample"].to(model_in.device).float()
+        for k, request in enumerate(requests):
+            noise_pred = out[layout.cond[k]]
+            if request.config.do_cfg:
+                uncond_pred = out[layout.uncond[k]]
+                noise_pred = uncond_pred + request.config.guidance * (noise_pred - uncond_pred)
+            sched = request.scheduler
+            request.latents = sched.step(
+                noise_pred,
+                sched.timesteps[index],
+                request.latents,
+                **request.step_kwargs,
+                return_dict=False,
+            )[0]
 
     def settings(self, config: GenerateConfig) -> dict[str, Any]:
         """The settings recorded in PNG metadata and JSON reports."""
@@ -407,10 +518,8 @@ def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
     return kwargs
 
 
-def _progress(timesteps: torch.Tensor, enabled: bool, backend: str) -> Iterator[torch.Tensor]:
-    yield from tqdm(
-        timesteps, desc=f"UNet ({backend})", unit="step", disable=not enabled, leave=False
-    )
+def _progress(steps: Iterable[int], enabled: bool, backend: str) -> Iterator[int]:
+    yield from tqdm(steps, desc=f"UNet ({backend})", unit="step", disable=not enabled, leave=False)
 
 
 def _postprocess(pixels: torch.Tensor) -> list[Any]:

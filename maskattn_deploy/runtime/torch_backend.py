@@ -14,6 +14,7 @@ calls with the same shapes reuse the compiled graph.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -176,6 +177,19 @@ class TorchBackend(Backend):
             for name, runner in self.runners.items()
             if isinstance(runner, TorchComponentRunner) and runner.warmup_s is not None
         }
+
+    def recording(self) -> contextlib.AbstractContextManager[dict[str, list[torch.Tensor]]]:
+        """Record each gated layer's open mask ``[rows, n, t]`` per UNet evaluation."""
+        if self.gates is None:
+            raise UserError(
+                "masks can only be recorded with gates installed (drop --no-gates, or "
+                "record them with a torch reference pass)"
+            )
+        return self.gates.recording()
+
+    def stage_of(self, layer: str) -> str:
+        """Stage (high / mid / low) of a gated layer."""
+        return self.gates.stage_of(layer) if self.gates is not None else "mid"
 
 
 def torch_backend(
