@@ -16,6 +16,8 @@ _INSTALL_HINTS: dict[str, str] = {
     "triton": "pip install 'maskattn-deploy[kernels]'",
     "accelerate": "pip install 'maskattn-deploy[train]'",
     "cuda": "pip install cuda-python",
+    "tritonclient": "pip install 'maskattn-deploy[serve]'",
+    "pytriton": "pip install 'maskattn-deploy[serve]'",
 }
 
 

@@ -36,6 +36,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "maskattn_deploy.cli.generate",
         "Generate images via TensorRT, ONNX Runtime or PyTorch.",
     ),
+    "serve": (
+        "maskattn_deploy.cli.serve",
+        "Serve the pipeline on a Triton Inference Server (dynamic batching, metrics).",
+    ),
+    "export-triton": (
+        "maskattn_deploy.cli.export_triton",
+        "Write a Triton model repository (Python-backend pipeline + TensorRT plans).",
+    ),
+    "client": ("maskattn_deploy.cli.client", "Send one prompt to a served pipeline, save PNGs."),
+    "loadtest": (
+        "maskattn_deploy.cli.loadtest",
+        "Load-test a served pipeline: throughput, latency percentiles, batch sizes.",
+    ),
     "parity": ("maskattn_deploy.cli.parity", "Compare backends against the PyTorch reference."),
     "bench": (
         "maskattn_deploy.cli.bench",

@@ -12,7 +12,11 @@ decomposition, which ONNX Runtime inlines: no custom-op library is needed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +85,16 @@ class OrtComponentRunner(ComponentRunner):
         threads: int | None = None,
         io_binding: bool | None = None,
         outputs: tuple[str, ...] | None = None,
+        gate_outputs: bool = False,
     ) -> None:
         super().__init__(component, outputs)
         self.onnx_path = Path(onnx_path)
+        # Gate recording (runtime.ort_gates): the session also exposes each masked-softmax
+        # node's gate logits; while ``records`` is set, every run appends the open masks.
+        self.gate_outputs = gate_outputs
+        self.gates: list[Any] = []
+        self.records: dict[str, list[torch.Tensor]] | None = None
+        self._gate_tmp: Path | None = None
         self.provider = provider
         self.threads = threads
         # IO binding needs torch CUDA tensors to bind; without them CUDA runs via host copies.
@@ -112,9 +123,14 @@ class OrtComponentRunner(ComponentRunner):
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
+        source: Any = str(self.onnx_path)
+        if self.gate_outputs:
+            from maskattn_deploy.runtime.ort_gates import with_gate_outputs
+
+            source, self.gates, self._gate_tmp = with_gate_outputs(self.onnx_path)
         try:
             self.session = ort.InferenceSession(
-                str(self.onnx_path), options, providers=_ORT_PROVIDER[self.provider]
+                source, options, providers=_ORT_PROVIDER[self.provider]
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise UserError(
@@ -129,6 +145,9 @@ class OrtComponentRunner(ComponentRunner):
 
     def _deactivate(self) -> None:
         self.session = None
+        if self._gate_tmp is not None:
+            shutil.rmtree(self._gate_tmp, ignore_errors=True)
+            self._gate_tmp = None
 
     def use_all_outputs(self) -> tuple[str, ...]:
         """Return every output the graph has from now on, not only the component's own.
@@ -140,14 +159,19 @@ class OrtComponentRunner(ComponentRunner):
         return self.output_names
 
     def _infer(self, feed: Feed) -> dict[str, torch.Tensor]:
-        if self.io_binding:
+        recording = self.records is not None and self.gates
+        if self.io_binding and not recording:
             return self._infer_bound(feed)
         inputs = {name: as_numpy(value, self._in_types[name]) for name, value in feed.items()}
-        outputs = self.session.run(list(self.output_names), inputs)
-        return {
-            name: torch.from_numpy(value)
-            for name, value in zip(self.output_names, outputs, strict=True)
-        }
+        names = list(self.output_names)
+        extra = [gate.tensor for gate in self.gates] if recording else []
+        outputs = self.session.run(names + extra, inputs)
+        if recording:
+            from maskattn_deploy.runtime.ort_gates import open_masks
+
+            for gate, logits in zip(self.gates, outputs[len(names) :], strict=True):
+                self.records[gate.layer].append(open_masks(logits, gate.threshold))
+        return {name: torch.from_numpy(value) for name, value in zip(names, outputs, strict=False)}
 
     def _binding_device(self) -> torch.device:
         if self.provider == "cpu":
@@ -219,6 +243,38 @@ def _contract_dim(component: str, axis: int, in_shapes: dict[str, tuple[int, ...
     )
 
 
+class OrtBackend(Backend):
+    """ONNX Runtime runners; :meth:`recording` needs the UNet created with ``gate_outputs``."""
+
+    def __init__(self, runners: dict[str, OrtComponentRunner], device: str, manifest: dict) -> None:
+        super().__init__("onnxruntime", runners, device)
+        from maskattn_deploy.runtime.ort_gates import stage_namer
+
+        gates = manifest.get("gates") if isinstance(manifest.get("gates"), dict) else {}
+        layers = list(manifest.get("gated_layers") or [])
+        self.stage_of = stage_namer(layers, (gates.get("config") or {}).get("stage"))
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Record each gated layer's open mask ``[rows, n, t]`` per UNet evaluation."""
+        unet = self.runners.get("unet")
+        if not isinstance(unet, OrtComponentRunner) or not unet.gate_outputs:
+            raise UserError(
+                "masks are recorded on ONNX Runtime only with ort_backend(..., gate_outputs=True)"
+            )
+        unet.activate()
+        if not unet.gates:
+            raise UserError(
+                f"{unet.onnx_path} has no gated-layer custom nodes, so there are no gates to record"
+            )
+        records: dict[str, list[torch.Tensor]] = defaultdict(list)
+        unet.records = records
+        try:
+            yield records
+        finally:
+            unet.records = None
+
+
 def ort_backend(
     export_dir: str | Path,
     manifest: ExportManifest,
@@ -226,11 +282,14 @@ def ort_backend(
     components: tuple[str, ...] = PIPELINE_COMPONENTS,
     threads: int | None = None,
     io_binding: bool | None = None,
+    gate_outputs: bool = False,
 ) -> Backend:
     """An onnxruntime backend over ``export_dir`` (see :func:`resolve_provider` for providers).
 
     ``io_binding`` defaults to on for GPU providers when torch has CUDA; forcing it on with the
-    CPU provider runs the binding code path on the host (used by the tests).
+    CPU provider runs the binding code path on the host (used by the tests). ``gate_outputs``
+    lets :meth:`OrtBackend.recording` record the gate masks (see
+    :mod:`maskattn_deploy.runtime.ort_gates`).
     """
     provider = resolve_provider(provider)
     if provider != "cpu" and not torch.cuda.is_available() and io_binding is None:
@@ -253,8 +312,9 @@ def ort_backend(
             threads,
             io_binding,
             runtime_outputs(name, [o["name"] for o in known[name].outputs]),
+            gate_outputs=gate_outputs and name == "unet",
         )
         for name in components
     }
     device = "cuda" if provider != "cpu" and torch.cuda.is_available() else "cpu"
-    return Backend("onnxruntime", runners, device)
+    return OrtBackend(runners, device, manifest)

@@ -1,0 +1,276 @@
+"""Serving pieces that need no running server: request checks, repositories, TensorRT configs.
+
+The config.pbtxt files are parsed back with Triton's own ModelConfig protobuf and compared with
+values written out by hand from the protocol table and the tiny recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maskattn_deploy.errors import UserError
+from maskattn_deploy.serve.protocol import INPUTS, OUTPUTS, Limits, RequestError, parse_request
+from maskattn_deploy.serve.repository import (
+    COMPONENT_MODELS,
+    ServeConfig,
+    check_plan_io,
+    plan_config_text,
+    write_repository,
+)
+
+pytest.importorskip("tritonclient.grpc", reason="the serve extra is not installed")
+
+
+def parse_config(text: str):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def fields(**values) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in values.items():
+        dtype = {"PROMPT": object, "NEGATIVE_PROMPT": object, "SCHEDULER": object}.get(name)
+        out[name] = np.array([[value]], dtype=dtype) if dtype else np.array([[value]])
+    return out
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def test_defaults_and_values_pass_through() -> None:
+    kwargs, masks = parse_request(fields(PROMPT=b"a cat"), Limits(default_steps=8))
+    assert (
+        kwargs
+        == {
+            "prompt": "a cat",
+            "negative_prompt": "",
+            "seed": 0,
+            "steps": 8,
+            "guidance": 5.0,
+            "scheduler": "euler",
+        }
+        and masks is False
+    )
+    kwargs, masks = parse_request(
+        fields(
+            PROMPT=b"x",
+            SEED=np.int64(-3),
+            STEPS=np.int32(4),
+            GUIDANCE=np.float32(1.0),
+            HEIGHT=np.int32(128),
+            RETURN_MASKS=True,
+        ),
+        Limits(),
+    )
+    assert (kwargs["seed"], kwargs["steps"], kwargs["guidance"], kwargs["height"]) == (
+        -3,
+        4,
+        1.0,
+        128,
+    )
+    assert masks is True and "width" not in kwargs
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"PROMPT": b"   "}, "PROMPT is empty"),
+        ({"PROMPT": b"x", "STEPS": np.int32(0)}, "STEPS 0 is out of range; send 1..150"),
+        ({"PROMPT": b"x", "STEPS": np.int32(100000)}, "STEPS 100000 is out of range"),
+        ({"PROMPT": b"x", "GUIDANCE": np.float32(math.nan)}, "GUIDANCE nan is out of range"),
+        ({"PROMPT": b"x", "GUIDANCE": np.float32(math.inf)}, "GUIDANCE inf is out of range"),
+        ({"PROMPT": b"x", "GUIDANCE": np.float32(-1)}, "GUIDANCE -1.0 is out of range"),
+        ({"PROMPT": b"\xff\xfe"}, "PROMPT is not valid UTF-8"),
+        ({"PROMPT": b"x" * 20000}, "PROMPT is 20000 bytes"),
+    ],
+)
+def test_bad_values_are_refused_with_the_field_name(values, message) -> None:
+    with pytest.raises(RequestError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        parse_request(fields(**values), Limits())
+
+
+def test_more_than_one_value_per_request_is_refused() -> None:
+    with pytest.raises(RequestError, match=r"send one value per request"):
+        parse_request({"PROMPT": np.array([[b"a"], [b"b"]], dtype=object)}, Limits())
+
+
+# ---------------------------------------------------------------------- repositories
+
+
+@pytest.fixture
+def fake_export(tmp_path) -> Path:
+    """A minimal export folder (manifest + config dirs + placeholder ONNX files)."""
+    folder = tmp_path / "export"
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "tokenizer", "scheduler"):
+        (folder / name).mkdir(parents=True)
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae_decoder"):
+        (folder / name / "model.onnx").write_bytes(b"onnx")
+    manifest = {
+        "format": "maskattn-deploy-export/1",
+        "components": {
+            "unet": {
+                "path": "unet/model.onnx",
+                "inputs": [
+                    {"name": "sample", "dtype": "float16", "shape": ["B", 4, "h", "w"]},
+                    {"name": "timestep", "dtype": "float32", "shape": ["B"]},
+                    {"name": "encoder_hidden_states", "dtype": "float16", "shape": ["B", 77, 64]},
+                    {"name": "text_embeds", "dtype": "float16", "shape": ["B", 32]},
+                    {"name": "time_ids", "dtype": "float32", "shape": ["B", 6]},
+                ],
+                "outputs": [
+                    {"name": "out_sample", "dtype": "float16", "shape": ["B", 4, "h", "w"]}
+                ],
+            },
+        },
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_pipeline_config_carries_the_protocol_batching_and_settings(fake_export, tmp_path) -> None:
+    config = ServeConfig(max_batch=6, max_queue_delay_ms=2.5, max_queue=9, instances=3, threads=2)
+    repo = write_repository(tmp_path / "repo", fake_export, config, copy_export=False)
+    model = parse_config((repo / "maskattn_sdxl" / "config.pbtxt").read_text())
+    assert model.backend == "python" and model.max_batch_size == 6
+    assert model.dynamic_batching.max_queue_delay_microseconds == 2500
+    assert model.dynamic_batching.default_queue_policy.max_queue_size == 9
+    cpu = parse_config('name: "x"').instance_group.add().KIND_CPU
+    assert [(g.count, g.kind) for g in model.instance_group] == [(3, cpu)]
+    assert [i.name for i in model.input] == list(INPUTS)
+    assert [i.optional for i in model.input] == [not r for _, _, r in INPUTS.values()]
+    assert [o.name for o in model.output] == list(OUTPUTS)
+    params = {k: v.string_value for k, v in model.parameters.items()}
+    back, where = ServeConfig.from_parameters(params)
+    assert (
+        where == str(fake_export.resolve()) and back.threads == 2 and back.backend == "onnxruntime"
+    )
+    assert "TritonPythonModel" in (repo / "maskattn_sdxl" / "1" / "model.py").read_text()
+    with pytest.raises(UserError, match="already exists"):
+        write_repository(repo, fake_export, config, copy_export=False)
+
+
+def test_self_contained_repository_links_the_export_without_engines(fake_export, tmp_path) -> None:
+    (fake_export / "engines").mkdir()
+    (fake_export / "engines" / "unet.engine").write_bytes(b"plan")
+    repo = write_repository(tmp_path / "repo", fake_export, ServeConfig(), copy_export=True)
+    inside = repo / "maskattn_sdxl" / "1" / "export"
+    assert (inside / "manifest.json").read_text() == (fake_export / "manifest.json").read_text()
+    assert (inside / "unet" / "model.onnx").stat().st_ino == (
+        fake_export / "unet" / "model.onnx"
+    ).stat().st_ino
+    assert not (inside / "engines").exists()
+    model = parse_config((repo / "maskattn_sdxl" / "config.pbtxt").read_text())
+    assert model.parameters["export_dir"].string_value == "export"  # relative: moves with the repo
+
+
+# ---------------------------------------------------------------------- TensorRT plans
+
+
+def tiny_profiles(inputs) -> list[dict]:
+    """The engine builder's own profiles for the tiny recipe (what build writes in manifests)."""
+    from maskattn_deploy.engine.profiles import component_profiles
+
+    return [p.as_dict() for p in component_profiles("tiny", "unet", inputs)]
+
+
+def test_plan_config_matches_engine_and_export_manifests(fake_export) -> None:
+    unet = json.loads((fake_export / "manifest.json").read_text())["components"]["unet"]
+    engine = {"profiles": tiny_profiles(unet["inputs"])}
+    model = parse_config(plan_config_text("maskattn_unet", unet, engine))
+    assert model.platform == "tensorrt_plan" and model.max_batch_size == 0
+    # tiny recipe: batch 1..4 (static-256 fixes it to 2, but the dynamic profile varies), 128-384 px
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    fp16, fp32 = mc.TYPE_FP16, mc.TYPE_FP32
+    expected = {
+        "sample": (fp16, [-1, 4, -1, -1]),
+        "timestep": (fp32, [-1]),
+        "encoder_hidden_states": (fp16, [-1, 77, 64]),
+        "text_embeds": (fp16, [-1, 32]),
+        "time_ids": (fp32, [-1, 6]),
+    }
+    assert {i.name: (i.data_type, list(i.dims)) for i in model.input} == expected
+    assert [(o.name, o.data_type, list(o.dims)) for o in model.output] == [
+        ("out_sample", fp16, [-1, 4, -1, -1])
+    ]
+    assert [list(g.profile) for g in model.instance_group] == [["0", "1"]]
+    assert [g.kind for g in model.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+
+
+def test_plan_config_refuses_engines_built_from_another_export(fake_export) -> None:
+    unet = json.loads((fake_export / "manifest.json").read_text())["components"]["unet"]
+    profiles = tiny_profiles(unet["inputs"])
+    del profiles[0]["shapes"]["time_ids"]
+    with pytest.raises(UserError, match="covers inputs .* but the export has"):
+        check_plan_io("maskattn_unet", unet["inputs"], profiles)
+    with pytest.raises(UserError, match="lists no optimization profiles"):
+        check_plan_io("maskattn_unet", unet["inputs"], [])
+
+
+def test_export_triton_with_engines_writes_plan_models(
+    fake_export, tmp_path, monkeypatch, capsys
+) -> None:
+    """Placeholder engine files (never loaded here) next to real-format engine manifests:
+    export-triton must turn them into tensorrt_plan models the pipeline calls over BLS."""
+    unet = json.loads((fake_export / "manifest.json").read_text())["components"]["unet"]
+    (fake_export / "engines").mkdir()
+    (fake_export / "engines" / "unet.engine").write_bytes(b"plan bytes")
+    (fake_export / "engines" / "unet.json").write_text(
+        json.dumps({"profiles": tiny_profiles(unet["inputs"])})
+    )
+    code = _cli(monkeypatch, "export-triton", str(fake_export), "--out", str(tmp_path / "repo"))
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    repo = tmp_path / "repo"
+    assert "backend tensorrt" in out.out
+    assert (repo / "maskattn_unet" / "1" / "model.plan").read_bytes() == b"plan bytes"
+    pipeline = parse_config((repo / "maskattn_sdxl" / "config.pbtxt").read_text())
+    assert json.loads(pipeline.parameters["component_models"].string_value) == {
+        "unet": COMPONENT_MODELS["unet"]
+    }
+    inside = repo / "maskattn_sdxl" / "1" / "export"
+    assert not (inside / "unet" / "model.onnx").exists()  # served by the plan
+    assert (inside / "vae_decoder" / "model.onnx").exists()  # no engine: runs on ONNX Runtime
+
+
+def test_export_triton_refuses_a_missing_export_and_torch(
+    fake_export, tmp_path, monkeypatch, capsys
+) -> None:
+    assert (
+        _cli(monkeypatch, "export-triton", str(tmp_path / "nope"), "--out", str(tmp_path / "r"))
+        == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
+    args = ("export-triton", str(fake_export), "--out", str(tmp_path / "r"), "--backend", "torch")
+    assert _cli(monkeypatch, *args) == 2
+    assert "maskattn-deploy serve --backend torch" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def _cli(monkeypatch, *args: str) -> int:
+    import sys
+
+    from maskattn_deploy.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["maskattn-deploy", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_loadtest_percentiles() -> None:
+    from maskattn_deploy.serve.loadtest import percentiles
+
+    values = [i / 1000 for i in range(1, 101)]  # 1..100 ms
+    result = percentiles(values)
+    assert result["p50"] == pytest.approx(50.5) and result["p99"] == pytest.approx(99.01)
+    assert percentiles([]) == {}
