@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _serving import no_survivors, require_server, start_serve
+from _serving import require_server
 
 from maskattn_deploy.runtime.pipeline import GenerateConfig, Pipeline
 from maskattn_deploy.serve.client import OVERLOADED, Request, ServeError, connect, generate
 from maskattn_deploy.serve.server import process_tree
+from maskattn_deploy.serve.spawn import spawn_serve, survivors
 
 pytestmark = pytest.mark.slow
 SIZE = {"height": 128, "width": 128}
@@ -45,8 +46,8 @@ def export_dir() -> Path:
 def server(export_dir, tmp_path_factory):
     """One server for the module: batches of up to 4 requests, a queue of 12."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    served = start_serve(
-        log, str(export_dir), "--max-batch", "4", "--max-queue", "12", "--threads", "1", "--quiet"
+    served = spawn_serve(
+        [str(export_dir), "--max-batch", "4", "--max-queue", "12", "--threads", "1", "--quiet"], log
     )
     yield served
     assert served.stop() == 0, served.log_text()[-3000:]
@@ -334,8 +335,8 @@ def test_a_burst_beyond_the_queue_is_refused_as_overloaded_never_hangs(server) -
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(
     export_dir, tmp_path
 ) -> None:
-    served = start_serve(
-        tmp_path / "serve.log", str(export_dir), "--max-batch", "2", "--threads", "1", "--quiet"
+    served = spawn_serve(
+        [str(export_dir), "--max-batch", "2", "--threads", "1", "--quiet"], tmp_path / "serve.log"
     )
     tree = served.tree()
     assert len(tree) >= 3, tree  # serve, tritonserver, the Python stub
@@ -381,7 +382,7 @@ def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(
     assert not any(t.is_alive() for t in threads), "a client is still waiting for an answer"
     assert set(outcomes) <= {"ok", "shutting_down", "unreachable"}, outcomes
     assert outcomes.count("ok") >= 4 and "shutting_down" in outcomes
-    assert no_survivors(tree) == [], "processes outlived serve"
+    assert survivors(tree) == [], "processes outlived serve"
     assert "stopped (tritonserver exit code" in served.log_text()
 
 
@@ -435,4 +436,55 @@ def test_bundled_tritonserver_loads_the_export_triton_repository(
         GenerateConfig(PROMPTS[0], steps=2, seed=3, **SIZE), progress=False
     )
     assert np.array_equal(pixels(served.image), pixels(expected.images[0]))
-    assert no_survivors(tree) == []
+    assert survivors(tree) == []
+
+
+def test_split_components_run_over_bls_like_generate(
+    export_dir, reference, tmp_path, monkeypatch
+) -> None:
+    """Every network its own ONNX Runtime model; the pipeline calls them over BLS (the path
+    TensorRT plans take on a GPU machine), and the image stays generate's, bit for bit."""
+    from maskattn_deploy.cli.main import main
+    from maskattn_deploy.serve.server import Endpoints, TritonServer
+
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "maskattn-deploy",
+            "export-triton",
+            str(export_dir),
+            "--out",
+            str(repo),
+            "--split-components",
+            "--threads",
+            "1",
+        ],
+    )
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code
+    assert sorted(p.name for p in repo.iterdir()) == [
+        "maskattn_sdxl",
+        "maskattn_text_encoder",
+        "maskattn_text_encoder_2",
+        "maskattn_unet",
+        "maskattn_vae_decoder",
+    ]
+    assert not (repo / "maskattn_sdxl" / "1" / "export" / "unet" / "model.onnx").exists()
+    work = tmp_path / "work"
+    work.mkdir()
+    with TritonServer(repo, Endpoints(http_port=0, grpc_port=0, metrics_port=0), work) as server:
+        server.wait_ready(600)
+        conn = connect(server.endpoints.http_url)
+        try:
+            served = generate(conn, Request(PROMPTS[1], seed=4, steps=2, **SIZE))
+        finally:
+            conn.close()
+    expected = reference.generate(
+        GenerateConfig(PROMPTS[1], steps=2, seed=4, **SIZE), progress=False
+    )
+    assert np.array_equal(pixels(served.image), pixels(expected.images[0]))
+    assert served.settings == {**expected.settings, "image_index": 0, "warnings": []}

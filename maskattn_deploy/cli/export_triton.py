@@ -18,8 +18,13 @@ from maskattn_deploy.cli.serve import serve_config, serving_options
 @click.command("export-triton")
 @click.argument("export_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Repository folder.")
+@click.option(
+    "--split-components",
+    is_flag=True,
+    help="onnxruntime: serve each network as its own model (called over BLS, scaled apart).",
+)
 @serving_options
-def command(export_dir: Path, out: Path, **flags: Any) -> None:
+def command(export_dir: Path, out: Path, split_components: bool, **flags: Any) -> None:
     """Write a Triton model repository for EXPORT_DIR into --out.
 
     Serve it with NVIDIA's container (docs/serving.md), e.g.
@@ -42,5 +47,6 @@ def command(export_dir: Path, out: Path, **flags: Any) -> None:
             "reference with maskattn-deploy serve --backend torch"
         )
     config = serve_config(**flags)
+    config.split_components = split_components
     repo = write_repository(out, export_dir, config, copy_export=True, say=lambda _: None)
     click.echo(f"wrote {repo}: {', '.join(model_names(repo))} (backend {config.backend})")

@@ -69,7 +69,10 @@ class BlsComponentRunner(ComponentRunner):
 
 
 def bls_backend(
-    component_models: Mapping[str, str], manifest: Mapping[str, Any], export_dir: Any
+    component_models: Mapping[str, str],
+    manifest: Mapping[str, Any],
+    export_dir: Any,
+    name: str = "tensorrt",
 ) -> Backend:
     """A backend calling ``component_models`` (component -> model name) over BLS; components
     without a model run on ONNX Runtime in this process (like the tensorrt backend does)."""
@@ -85,5 +88,5 @@ def bls_backend(
         inputs = components.get(component, {}).get("inputs", [])
         dtypes = {t["name"]: t.get("dtype", "float32") for t in inputs}
         runners[component] = BlsComponentRunner(component, model, dtypes)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Backend("tensorrt", runners, device)
+    device = "cuda" if name == "tensorrt" and torch.cuda.is_available() else "cpu"
+    return Backend(name, runners, device)

@@ -33,7 +33,9 @@ def serving_pipeline(
 ) -> Pipeline:
     """The pipeline with ``gate_stats`` (can it record gates?) and ``default_steps`` set."""
     torch.set_num_threads(threads)
-    if config.backend == "torch":
+    if config.component_models and export_dir is not None:
+        pipeline, gated = _bls(config, Path(export_dir)), False
+    elif config.backend == "torch":
         pipeline, gated = _torch(config, export_dir, device_id)
     elif export_dir is None:
         raise UserError(f"the {config.backend} backend needs an export folder")
@@ -84,14 +86,20 @@ def _torch(config: ServeConfig, export_dir: str | None, device_id: str) -> tuple
     return pipeline, gates is not None
 
 
+def _bls(config: ServeConfig, export_dir: Path) -> Pipeline:
+    """Networks served by other models of the same server (TensorRT plans, split ONNX)."""
+    from maskattn_deploy.runtime.model_info import ModelInfo
+    from maskattn_deploy.serve.bls import bls_backend
+
+    info = ModelInfo.from_export(export_dir)
+    backend = bls_backend(config.component_models, info.manifest, export_dir, config.backend)
+    return Pipeline(backend, info)
+
+
 def _tensorrt(config: ServeConfig, export_dir: Path) -> Pipeline:
     from maskattn_deploy.runtime.model_info import ModelInfo
 
     info = ModelInfo.from_export(export_dir)
-    if config.component_models:
-        from maskattn_deploy.serve.bls import bls_backend
-
-        return Pipeline(bls_backend(config.component_models, info.manifest, export_dir), info)
     from maskattn_deploy.runtime.trt_backend import trt_backend
 
     return Pipeline(trt_backend(export_dir, info.manifest), info)

@@ -50,6 +50,10 @@ The implementation lives in the installed maskattn-deploy package
 
 from maskattn_deploy.serve.triton_model import TritonPythonModel  # noqa: F401
 '''
+COMPONENT_PY = '''"""Triton Python-backend entry point of one maskattn-deploy component (generated file)."""
+
+from maskattn_deploy.serve.component_model import TritonPythonModel  # noqa: F401
+'''
 _TRITON_DTYPES = {
     "float32": "TYPE_FP32",
     "float16": "TYPE_FP16",
@@ -79,6 +83,7 @@ class ServeConfig:
     warmup: bool = True  # run one small request at load so the first client is not slow
     component_models: dict[str, str] = field(default_factory=dict)  # BLS: component -> model
     control_dir: str = ""  # serve's drain folder (serve.drain); empty: Triton's own shutdown
+    split_components: bool = False  # export-triton: each network its own ONNX Runtime model
 
     def parameters(self, export_dir: str) -> dict[str, str]:
         values: dict[str, Any] = {
@@ -167,9 +172,10 @@ def write_repository(
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; pass a new folder for the model repository")
-    engines = _engine_components(export_dir, config)
-    if engines:
-        config.component_models = {c: COMPONENT_MODELS[c] for c in engines}
+    engines = _engine_components(export_dir, config) if copy_export else []
+    split = _split_components(export_dir, config) if copy_export else []
+    if engines or split:
+        config.component_models = {c: COMPONENT_MODELS[c] for c in engines + split}
     with atomic_dir(out) as tmp:
         version = tmp / MODEL_NAME / "1"
         version.mkdir(parents=True)
@@ -178,13 +184,15 @@ def write_repository(
         if export_dir is not None:
             where = str(Path(export_dir).resolve())
             if copy_export:
-                _link_tree(Path(export_dir), version / EXPORT_SUBDIR, skip=engines)
+                _link_tree(Path(export_dir), version / EXPORT_SUBDIR, skip=engines + split)
                 where = EXPORT_SUBDIR  # relative: resolved against the model folder at load
         gpu = config.backend == "tensorrt" or (config.device or "").startswith("cuda")
         text = pipeline_config_text(config, where, gpu)
         (tmp / MODEL_NAME / "config.pbtxt").write_text(text)
         for component in engines:
             _write_plan_model(tmp, Path(export_dir), component)  # type: ignore[arg-type]
+        for component in split:
+            _write_onnx_model(tmp, Path(export_dir), component, config)  # type: ignore[arg-type]
     say(f"wrote the model repository {out} ({', '.join(model_names(out))})")
     return out
 
@@ -208,6 +216,51 @@ def _engine_components(export_dir: Path | None, config: ServeConfig) -> list[str
             f"{export_dir}, or pass --backend onnxruntime"
         )
     return found
+
+
+def _split_components(export_dir: Path | None, config: ServeConfig) -> list[str]:
+    """Components served as models of their own on ONNX Runtime (``split_components``)."""
+    if not config.split_components or export_dir is None:
+        return []
+    if config.backend != "onnxruntime":
+        raise UserError(
+            "--split-components serves the ONNX files; use it with --backend onnxruntime"
+        )
+    from maskattn_deploy.runtime.model_info import read_manifest
+
+    known = read_manifest(export_dir)["components"]
+    return [c for c in COMPONENT_MODELS if c in known]
+
+
+def _write_onnx_model(repo: Path, export_dir: Path, component: str, config: ServeConfig) -> None:
+    """A Python-backend model running one component's ONNX file (serve.component_model)."""
+    from maskattn_deploy.runtime.model_info import read_manifest
+
+    entry = read_manifest(export_dir)["components"][component]
+    name = COMPONENT_MODELS[component]
+    folder = repo / name / "1"
+    folder.mkdir(parents=True)
+    source = export_dir / entry.get("path", f"{component}/model.onnx")
+    for item in source.parent.iterdir():
+        if item.name.startswith(source.name):  # model.onnx and its external data
+            _link_or_copy(str(item), str(folder / item.name.replace(source.name, "model.onnx", 1)))
+    (folder / "model.py").write_text(COMPONENT_PY)
+    mc = _model_config()
+    model = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
+    for tensor in entry.get("inputs") or []:
+        dims = [d if isinstance(d, int) else -1 for d in tensor["shape"]]
+        model.input.add(name=tensor["name"], data_type=_dtype(tensor, name)).dims.extend(dims)
+    for tensor in entry.get("outputs") or []:
+        dims = [d if isinstance(d, int) else -1 for d in tensor["shape"]]
+        model.output.add(name=tensor["name"], data_type=_dtype(tensor, name)).dims.extend(dims)
+    model.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    for key, value in {
+        "component": component,
+        "threads": str(config.threads),
+        "ort_provider": config.ort_provider,
+    }.items():
+        model.parameters[key].string_value = value
+    (repo / name / "config.pbtxt").write_text(_text_format().MessageToString(model))
 
 
 def _link_tree(source: Path, target: Path, skip: list[str]) -> None:

@@ -29,6 +29,7 @@ import ctypes.util
 import importlib.util
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -50,6 +51,7 @@ from maskattn_deploy.errors import UserError
 log = logging.getLogger(__name__)
 
 STUB = "triton_python_backend_stub"
+_ERROR_LINE = re.compile(r"^E\d{4} ")  # Triton's error log lines (E<mmdd> <time> ...)
 
 
 class ServerError(UserError):
@@ -224,11 +226,16 @@ class TritonServer:
             time.sleep(0.5)
         raise ServerError(f"tritonserver was not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def log_tail(self, lines: int = 25) -> str:
+    def log_tail(self, lines: int = 12) -> str:
+        """The server's error lines (model load failures name the cause) and its last lines."""
         path = getattr(self, "log_path", None)
         if path is None or not Path(path).is_file():
             return "(no server log)"
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        text = Path(path).read_text(errors="replace").splitlines()
+        errors = [
+            line for line in text if _ERROR_LINE.match(line) and "CudaDriverHelper" not in line
+        ]
+        return "\n".join(errors[-lines:] + ["..."] + text[-lines:])
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:

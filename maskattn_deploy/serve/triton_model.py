@@ -57,7 +57,7 @@ class TritonPythonModel:
         self.pipeline = serving_pipeline(config, export_dir or None, threads, device_id)
         self.limits = Limits(config.max_steps, self.pipeline.default_steps)
         self.outputs = [o["name"] for o in model_config.get("output", [])]
-        if config.warmup:
+        if config.warmup and not config.component_models:  # BLS only works inside execute
             self._warmup()
         self.drain = None
         if config.control_dir:
