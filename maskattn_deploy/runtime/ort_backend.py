@@ -89,8 +89,8 @@ class OrtComponentRunner(ComponentRunner):
     ) -> None:
         super().__init__(component, outputs)
         self.onnx_path = Path(onnx_path)
-        # Gate recording (runtime.ort_gates): the session also exposes each masked-softmax
-        # node's gate logits; while ``records`` is set, every run appends the open masks.
+        # Gate recording (runtime.ort_gates): the session also exposes each gated layer's
+        # gate logits; while ``records`` is set, every run appends the open masks.
         self.gate_outputs = gate_outputs
         self.gates: list[Any] = []
         self.records: dict[str, list[torch.Tensor]] | None = None
@@ -171,7 +171,8 @@ class OrtComponentRunner(ComponentRunner):
 
             for gate, logits in zip(self.gates, outputs[len(names) :], strict=True):
                 self.records[gate.layer].append(open_masks(logits, gate.threshold))
-        return {name: torch.from_numpy(value) for name, value in zip(names, outputs, strict=False)}
+        own = outputs[: len(names)]
+        return {name: torch.from_numpy(value) for name, value in zip(names, own, strict=True)}
 
     def _binding_device(self) -> torch.device:
         if self.provider == "cpu":
