@@ -274,3 +274,37 @@ def test_loadtest_percentiles() -> None:
     result = percentiles(values)
     assert result["p50"] == pytest.approx(50.5) and result["p99"] == pytest.approx(99.01)
     assert percentiles([]) == {}
+
+
+def test_text_encoder_plan_declares_only_the_outputs_its_engine_keeps(
+    fake_export, tmp_path
+) -> None:
+    """Optimum's layout exports every hidden state; the engine keeps the penultimate one (the
+    layer SDXL conditions on: hidden_states.2 of 0..3) and text_embeds, and so does the plan."""
+    manifest = json.loads((fake_export / "manifest.json").read_text())
+    states = [f"hidden_states.{i}" for i in range(4)]
+    manifest["components"]["text_encoder_2"] = {
+        "path": "text_encoder_2/model.onnx",
+        "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["B", 77]}],
+        "outputs": [{"name": "text_embeds", "dtype": "float32", "shape": ["B", 32]}]
+        + [
+            {"name": n, "dtype": "float32", "shape": ["B", 77, 32]}
+            for n in ["last_hidden_state", *states]
+        ],
+    }
+    (fake_export / "manifest.json").write_text(json.dumps(manifest))
+    (fake_export / "engines").mkdir()
+    (fake_export / "engines" / "text_encoder_2.engine").write_bytes(b"plan")
+    profile = {
+        "name": "p",
+        "shapes": {"input_ids": {"min": [1, 77], "opt": [2, 77], "max": [4, 77]}},
+    }
+    (fake_export / "engines" / "text_encoder_2.json").write_text(
+        json.dumps({"profiles": [profile]})
+    )
+    repo = write_repository(
+        tmp_path / "repo", fake_export, ServeConfig(backend="tensorrt"), copy_export=True
+    )
+    model = parse_config((repo / "maskattn_text_encoder_2" / "config.pbtxt").read_text())
+    assert [o.name for o in model.output] == ["text_embeds", "hidden_states.2"]
+    assert [(i.name, list(i.dims)) for i in model.input] == [("input_ids", [-1, 77])]

@@ -28,8 +28,14 @@ _TORCH_DTYPES = {
 class BlsComponentRunner(ComponentRunner):
     """One component served by the Triton model ``model_name``."""
 
-    def __init__(self, component: str, model_name: str, dtypes: Mapping[str, str]) -> None:
-        super().__init__(component)
+    def __init__(
+        self,
+        component: str,
+        model_name: str,
+        dtypes: Mapping[str, str],
+        outputs: tuple[str, ...] | None = None,
+    ) -> None:
+        super().__init__(component, outputs)
         self.model_name = model_name
         self.dtypes = dict(dtypes)  # input name -> dtype the model expects
 
@@ -76,6 +82,7 @@ def bls_backend(
 ) -> Backend:
     """A backend calling ``component_models`` (component -> model name) over BLS; components
     without a model run on ONNX Runtime in this process (like the tensorrt backend does)."""
+    from maskattn_deploy.export.component_spec import runtime_outputs
     from maskattn_deploy.runtime.base import PIPELINE_COMPONENTS
     from maskattn_deploy.runtime.ort_backend import ort_backend
 
@@ -85,8 +92,9 @@ def bls_backend(
     if local:
         runners.update(ort_backend(export_dir, dict(manifest), "auto", tuple(local)).runners)
     for component, model in component_models.items():
-        inputs = components.get(component, {}).get("inputs", [])
-        dtypes = {t["name"]: t.get("dtype", "float32") for t in inputs}
-        runners[component] = BlsComponentRunner(component, model, dtypes)
+        entry = components.get(component, {})
+        dtypes = {t["name"]: t.get("dtype", "float32") for t in entry.get("inputs", [])}
+        outputs = runtime_outputs(component, [o["name"] for o in entry.get("outputs", [])])
+        runners[component] = BlsComponentRunner(component, model, dtypes, outputs)
     device = "cuda" if name == "tensorrt" and torch.cuda.is_available() else "cpu"
     return Backend(name, runners, device)

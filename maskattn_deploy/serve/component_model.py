@@ -29,7 +29,10 @@ class TritonPythonModel:
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
         threads = int(params.get("threads") or 0) or None
         provider = resolve_provider(params.get("ort_provider") or "auto")
-        self.runner = OrtComponentRunner(params["component"], path, provider, threads).activate()
+        outputs = tuple(json.loads(params.get("outputs") or "[]")) or None
+        self.runner = OrtComponentRunner(
+            params["component"], path, provider, threads, outputs=outputs
+        ).activate()
 
     def execute(self, requests: list[Any]) -> list[Any]:
         pb = self.pb

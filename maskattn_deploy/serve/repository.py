@@ -250,17 +250,27 @@ def _write_onnx_model(repo: Path, export_dir: Path, component: str, config: Serv
     for tensor in entry.get("inputs") or []:
         dims = [d if isinstance(d, int) else -1 for d in tensor["shape"]]
         model.input.add(name=tensor["name"], data_type=_dtype(tensor, name)).dims.extend(dims)
-    for tensor in entry.get("outputs") or []:
+    for tensor in _runtime_output_specs(component, entry):
         dims = [d if isinstance(d, int) else -1 for d in tensor["shape"]]
         model.output.add(name=tensor["name"], data_type=_dtype(tensor, name)).dims.extend(dims)
     model.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
     for key, value in {
         "component": component,
+        "outputs": json.dumps([t["name"] for t in _runtime_output_specs(component, entry)]),
         "threads": str(config.threads),
         "ort_provider": config.ort_provider,
     }.items():
         model.parameters[key].string_value = value
     (repo / name / "config.pbtxt").write_text(_text_format().MessageToString(model))
+
+
+def _runtime_output_specs(component: str, entry: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The exported outputs the pipeline reads (text encoders: not Optimum's extra states)."""
+    from maskattn_deploy.export.component_spec import runtime_outputs
+
+    outputs = entry.get("outputs") or []
+    keep = set(runtime_outputs(component, [t["name"] for t in outputs]))
+    return [t for t in outputs if t["name"] in keep]
 
 
 def _link_tree(source: Path, target: Path, skip: list[str]) -> None:
@@ -300,6 +310,12 @@ def _write_plan_model(repo: Path, export_dir: Path, component: str) -> None:
     entry = read_manifest(export_dir)["components"].get(component)
     if entry is None:
         raise UserError(f"{export_dir}/manifest.json has no {component} component; re-export")
+    from maskattn_deploy.export.component_spec import engine_outputs
+
+    outputs = entry.get("outputs") or []
+    marked = engine_outputs(component, [t["name"] for t in outputs])  # None: all of them
+    if marked is not None:
+        entry = {**entry, "outputs": [t for t in outputs if t["name"] in marked]}
     text = plan_config_text(name, entry, read_engine_manifest(engine))
     (repo / name / "config.pbtxt").write_text(text)
 
