@@ -129,6 +129,13 @@ def test_response_fields_and_gate_statistics(server, export_dir) -> None:
     assert set(served.masks) == {"mid"} and served.masks["mid"].shape == (77, 16, 16)
     assert np.abs(served.masks["mid"] - ref.masks["mid"][0].numpy()).max() <= 0.05
     assert np.array_equal(pixels(everything.image), pixels(served.image))
+    grpc = connect(server.grpc, "grpc")
+    try:
+        over_grpc = generate(grpc, replace(request, return_masks=False))
+    finally:
+        grpc.close()
+    assert np.array_equal(pixels(over_grpc.image), pixels(served.image))
+    assert over_grpc.gate_open == served.gate_open
 
 
 def _raw(conn, inputs: dict[str, tuple[str, list[int], np.ndarray]]):
