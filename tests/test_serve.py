@@ -342,8 +342,10 @@ def test_a_burst_beyond_the_queue_is_refused_as_overloaded_never_hangs(server) -
 def test_sigterm_under_load_answers_every_accepted_request_and_exits_0(
     export_dir, tmp_path
 ) -> None:
+    """serve --model tiny (the cached export of the export_dir fixture) under load from six
+    clients gets SIGTERM: requests in flight finish, later ones hear "shutting down"."""
     served = spawn_serve(
-        [str(export_dir), "--max-batch", "2", "--threads", "1", "--quiet"], tmp_path / "serve.log"
+        ["--model", "tiny", "--max-batch", "2", "--threads", "1", "--quiet"], tmp_path / "serve.log"
     )
     tree = served.tree()
     assert len(tree) >= 3, tree  # serve, tritonserver, the Python stub
