@@ -55,7 +55,7 @@ def ort(tmp_path_factory) -> Pipeline:
 
     export_dir, _ = ensure_tiny_export(tiny_default_gates_dir(), lambda _: None)
     info = ModelInfo.from_export(export_dir)
-    return Pipeline(ort_backend(export_dir, info.manifest, "cpu"), info)
+    return Pipeline(ort_backend(export_dir, info.export_manifest, "cpu"), info)
 
 
 # ---------------------------------------------------------------------- planning

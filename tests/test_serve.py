@@ -60,7 +60,7 @@ def reference(export_dir) -> Pipeline:
     from maskattn_deploy.runtime.ort_backend import ort_backend
 
     info = ModelInfo.from_export(export_dir)
-    return Pipeline(ort_backend(export_dir, info.manifest, "cpu", threads=1), info)
+    return Pipeline(ort_backend(export_dir, info.export_manifest, "cpu", threads=1), info)
 
 
 def pixels(image) -> np.ndarray:

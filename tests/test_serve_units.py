@@ -112,11 +112,20 @@ def fake_export(tmp_path) -> Path:
         (folder / name).mkdir(parents=True)
     for name in ("unet", "text_encoder", "text_encoder_2", "vae_decoder"):
         (folder / name / "model.onnx").write_bytes(b"onnx")
+    from maskattn_deploy.export.spec import EXPORT_FORMAT
+
+    shapes = {"batch": [1, 2, 4], "height": [128, 256, 384], "width": [128, 256, 384]}
     manifest = {
-        "format": "maskattn-deploy-export/1",
+        "format": EXPORT_FORMAT,
+        "model": {"spec": "tiny", "pipeline_class": None, "unet_fingerprint": "unet-test"},
+        "opset": 18,
+        "precision": "fp16",
+        "recipe": {"name": "tiny", "shapes": {**shapes, "text_tokens": 77}},
+        "shapes": shapes,
         "components": {
             "unet": {
                 "path": "unet/model.onnx",
+                "precision": "fp16",
                 "inputs": [
                     {"name": "sample", "dtype": "float16", "shape": ["B", 4, "h", "w"]},
                     {"name": "timestep", "dtype": "float32", "shape": ["B"]},
@@ -173,6 +182,24 @@ def test_self_contained_repository_links_the_export_without_engines(fake_export,
 # ---------------------------------------------------------------------- TensorRT plans
 
 
+def write_engine(export: Path, component: str, profiles: list[dict]) -> None:
+    """A placeholder engine file with the manifest the engine builder writes beside it."""
+    from maskattn_deploy.engine.manifest import (
+        current_environment,
+        make_engine_manifest,
+        write_engine_manifest,
+    )
+
+    engine = export / "engines" / f"{component}.engine"
+    engine.parent.mkdir(exist_ok=True)
+    engine.write_bytes(b"plan bytes")
+    environment = current_environment("10.9.0.34", "NVIDIA H100", (9, 0))
+    manifest = make_engine_manifest(
+        component, environment, f"{component}/model.onnx", "0" * 64, profiles, None, 1.0, {}
+    )
+    write_engine_manifest(engine, manifest)
+
+
 def tiny_profiles(inputs) -> list[dict]:
     """The engine builder's own profiles for the tiny recipe (what build writes in manifests)."""
     from maskattn_deploy.engine.profiles import component_profiles
@@ -182,8 +209,7 @@ def tiny_profiles(inputs) -> list[dict]:
 
 def test_plan_config_matches_engine_and_export_manifests(fake_export) -> None:
     unet = json.loads((fake_export / "manifest.json").read_text())["components"]["unet"]
-    engine = {"profiles": tiny_profiles(unet["inputs"])}
-    model = parse_config(plan_config_text("maskattn_unet", unet, engine))
+    model = parse_config(plan_config_text("maskattn_unet", unet, tiny_profiles(unet["inputs"])))
     assert model.platform == "tensorrt_plan" and model.max_batch_size == 0
     # tiny recipe: batch 1..4 (static-256 fixes it to 2, but the dynamic profile varies), 128-384 px
     from tritonclient.grpc import model_config_pb2 as mc
@@ -220,11 +246,7 @@ def test_export_triton_with_engines_writes_plan_models(
     """Placeholder engine files (never loaded here) next to real-format engine manifests:
     export-triton must turn them into tensorrt_plan models the pipeline calls over BLS."""
     unet = json.loads((fake_export / "manifest.json").read_text())["components"]["unet"]
-    (fake_export / "engines").mkdir()
-    (fake_export / "engines" / "unet.engine").write_bytes(b"plan bytes")
-    (fake_export / "engines" / "unet.json").write_text(
-        json.dumps({"profiles": tiny_profiles(unet["inputs"])})
-    )
+    write_engine(fake_export, "unet", tiny_profiles(unet["inputs"]))
     code = _cli(monkeypatch, "export-triton", str(fake_export), "--out", str(tmp_path / "repo"))
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -285,6 +307,7 @@ def test_text_encoder_plan_declares_only_the_outputs_its_engine_keeps(
     states = [f"hidden_states.{i}" for i in range(4)]
     manifest["components"]["text_encoder_2"] = {
         "path": "text_encoder_2/model.onnx",
+        "precision": "fp32",
         "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["B", 77]}],
         "outputs": [{"name": "text_embeds", "dtype": "float32", "shape": ["B", 32]}]
         + [
@@ -293,15 +316,11 @@ def test_text_encoder_plan_declares_only_the_outputs_its_engine_keeps(
         ],
     }
     (fake_export / "manifest.json").write_text(json.dumps(manifest))
-    (fake_export / "engines").mkdir()
-    (fake_export / "engines" / "text_encoder_2.engine").write_bytes(b"plan")
     profile = {
         "name": "p",
         "shapes": {"input_ids": {"min": [1, 77], "opt": [2, 77], "max": [4, 77]}},
     }
-    (fake_export / "engines" / "text_encoder_2.json").write_text(
-        json.dumps({"profiles": [profile]})
-    )
+    write_engine(fake_export, "text_encoder_2", [profile])
     repo = write_repository(
         tmp_path / "repo", fake_export, ServeConfig(backend="tensorrt"), copy_export=True
     )

@@ -31,10 +31,10 @@ def command(export_dir: Path, out: Path, split_components: bool, **flags: Any) -
     tritonserver --model-repository=/models, after pip install 'maskattn-deploy[serve]' in the
     container's Python.
     """
-    from maskattn_deploy.runtime.model_info import read_manifest
+    from maskattn_deploy.export.folder import ExportFolder
     from maskattn_deploy.serve.repository import model_names, write_repository
 
-    read_manifest(export_dir)
+    ExportFolder.open(export_dir)
     if flags["backend"] is None:
         flags["backend"] = (
             "tensorrt" if any((export_dir / "engines").glob("*.engine")) else "onnxruntime"

@@ -247,13 +247,14 @@ def _contract_dim(component: str, axis: int, in_shapes: dict[str, tuple[int, ...
 class OrtBackend(Backend):
     """ONNX Runtime runners; :meth:`recording` needs the UNet created with ``gate_outputs``."""
 
-    def __init__(self, runners: dict[str, OrtComponentRunner], device: str, manifest: dict) -> None:
+    def __init__(
+        self, runners: dict[str, OrtComponentRunner], device: str, manifest: ExportManifest
+    ) -> None:
         super().__init__("onnxruntime", runners, device)
         from maskattn_deploy.runtime.ort_gates import stage_namer
 
-        gates = manifest.get("gates") if isinstance(manifest.get("gates"), dict) else {}
-        layers = list(manifest.get("gated_layers") or [])
-        self.stage_of = stage_namer(layers, (gates.get("config") or {}).get("stage"))
+        stage = manifest.gates.config.get("stage") if manifest.gates is not None else None
+        self.stage_of = stage_namer(list(manifest.gated_layers), stage)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[dict[str, list[torch.Tensor]]]:

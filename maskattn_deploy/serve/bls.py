@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from maskattn_deploy.errors import UserError
+from maskattn_deploy.export.folder import ExportManifest
 from maskattn_deploy.runtime.base import Backend, ComponentRunner, Feed, as_tensor
 
 _TORCH_DTYPES = {
@@ -76,7 +77,7 @@ class BlsComponentRunner(ComponentRunner):
 
 def bls_backend(
     component_models: Mapping[str, str],
-    manifest: Mapping[str, Any],
+    manifest: ExportManifest,
     export_dir: Any,
     name: str = "tensorrt",
 ) -> Backend:
@@ -86,15 +87,14 @@ def bls_backend(
     from maskattn_deploy.runtime.base import PIPELINE_COMPONENTS
     from maskattn_deploy.runtime.ort_backend import ort_backend
 
-    components = manifest.get("components", {})
     local = [c for c in PIPELINE_COMPONENTS if c not in component_models]
     runners: dict[str, ComponentRunner] = {}
     if local:
-        runners.update(ort_backend(export_dir, dict(manifest), "auto", tuple(local)).runners)
+        runners.update(ort_backend(export_dir, manifest, "auto", tuple(local)).runners)
     for component, model in component_models.items():
-        entry = components.get(component, {})
-        dtypes = {t["name"]: t.get("dtype", "float32") for t in entry.get("inputs", [])}
-        outputs = runtime_outputs(component, [o["name"] for o in entry.get("outputs", [])])
+        entry = manifest.components[component]
+        dtypes = {t["name"]: t.get("dtype", "float32") for t in entry.inputs}
+        outputs = runtime_outputs(component, [o["name"] for o in entry.outputs])
         runners[component] = BlsComponentRunner(component, model, dtypes, outputs)
     device = "cuda" if name == "tensorrt" and torch.cuda.is_available() else "cpu"
     return Backend(name, runners, device)

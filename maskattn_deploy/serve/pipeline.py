@@ -60,18 +60,18 @@ def _onnxruntime(config: ServeConfig, export_dir: Path, threads: int) -> tuple[P
     info = ModelInfo.from_export(export_dir)
     gated = bool(info.gates_sha256)
     backend = ort_backend(
-        export_dir, info.manifest, config.ort_provider, threads=threads, gate_outputs=gated
+        export_dir, info.export_manifest, config.ort_provider, threads=threads, gate_outputs=gated
     )
     return Pipeline(backend.activate(), info), gated
 
 
 def _torch(config: ServeConfig, export_dir: str | None, device_id: str) -> tuple[Pipeline, bool]:
+    from maskattn_deploy.export.folder import ExportFolder
     from maskattn_deploy.runtime.api import TINY, resolve_gates, torch_device, torch_pipeline
-    from maskattn_deploy.runtime.model_info import read_manifest
 
     model = config.model
     if model is None and export_dir:
-        model = (read_manifest(export_dir).get("model") or {}).get("spec")
+        model = ExportFolder.open(export_dir).manifest.model.spec
     model = model or TINY
     from maskattn_deploy.runtime.api import GenerateOptions
 
@@ -92,7 +92,8 @@ def _bls(config: ServeConfig, export_dir: Path) -> Pipeline:
     from maskattn_deploy.serve.bls import bls_backend
 
     info = ModelInfo.from_export(export_dir)
-    backend = bls_backend(config.component_models, info.manifest, export_dir, config.backend)
+    manifest = info.export_manifest
+    backend = bls_backend(config.component_models, manifest, export_dir, config.backend)
     return Pipeline(backend, info)
 
 
@@ -102,4 +103,4 @@ def _tensorrt(config: ServeConfig, export_dir: Path) -> Pipeline:
     info = ModelInfo.from_export(export_dir)
     from maskattn_deploy.runtime.trt_backend import trt_backend
 
-    return Pipeline(trt_backend(export_dir, info.manifest), info)
+    return Pipeline(trt_backend(export_dir, info.export_manifest), info)

@@ -226,17 +226,17 @@ def _split_components(export_dir: Path | None, config: ServeConfig) -> list[str]
         raise UserError(
             "--split-components serves the ONNX files; use it with --backend onnxruntime"
         )
-    from maskattn_deploy.runtime.model_info import read_manifest
+    from maskattn_deploy.export.folder import ExportFolder
 
-    known = read_manifest(export_dir)["components"]
+    known = ExportFolder.open(export_dir).manifest.components
     return [c for c in COMPONENT_MODELS if c in known]
 
 
 def _write_onnx_model(repo: Path, export_dir: Path, component: str, config: ServeConfig) -> None:
     """A Python-backend model running one component's ONNX file (serve.component_model)."""
-    from maskattn_deploy.runtime.model_info import read_manifest
+    from maskattn_deploy.export.folder import ExportFolder
 
-    entry = read_manifest(export_dir)["components"][component]
+    entry = ExportFolder.open(export_dir).manifest.components[component].to_dict()
     name = COMPONENT_MODELS[component]
     folder = repo / name / "1"
     folder.mkdir(parents=True)
@@ -299,28 +299,31 @@ def _link_or_copy(src: str, dst: str) -> None:
 def _write_plan_model(repo: Path, export_dir: Path, component: str) -> None:
     """A ``tensorrt_plan`` model for one engine, its config checked against the manifests."""
     from maskattn_deploy.engine.manifest import ENGINE_SUFFIX, read_engine_manifest
+    from maskattn_deploy.export.folder import ExportFolder
     from maskattn_deploy.export.spec import ENGINES_DIR
-    from maskattn_deploy.runtime.model_info import read_manifest
 
     engine = export_dir / ENGINES_DIR / f"{component}{ENGINE_SUFFIX}"
     name = COMPONENT_MODELS[component]
     folder = repo / name / "1"
     folder.mkdir(parents=True)
     _link_or_copy(str(engine), str(folder / "model.plan"))
-    entry = read_manifest(export_dir)["components"].get(component)
-    if entry is None:
+    record = ExportFolder.open(export_dir).manifest.components.get(component)
+    if record is None:
         raise UserError(f"{export_dir}/manifest.json has no {component} component; re-export")
+    entry = record.to_dict()
     from maskattn_deploy.export.component_spec import engine_outputs
 
     outputs = entry.get("outputs") or []
     marked = engine_outputs(component, [t["name"] for t in outputs])  # None: all of them
     if marked is not None:
         entry = {**entry, "outputs": [t for t in outputs if t["name"] in marked]}
-    text = plan_config_text(name, entry, read_engine_manifest(engine))
+    text = plan_config_text(name, entry, read_engine_manifest(engine).profiles)
     (repo / name / "config.pbtxt").write_text(text)
 
 
-def plan_config_text(name: str, component: Mapping[str, Any], engine: Mapping[str, Any]) -> str:
+def plan_config_text(
+    name: str, component: Mapping[str, Any], profiles: list[Mapping[str, Any]]
+) -> str:
     """``config.pbtxt`` of a TensorRT plan from the export and engine manifests.
 
     Names and dtypes come from the export manifest's component I/O; a dim is -1 where the
@@ -329,7 +332,7 @@ def plan_config_text(name: str, component: Mapping[str, Any], engine: Mapping[st
     """
     inputs = component.get("inputs") or []
     outputs = component.get("outputs") or []
-    profiles = list(engine.get("profiles") or [])
+    profiles = list(profiles)
     check_plan_io(name, inputs, profiles)
     mc = _model_config()
     model = mc.ModelConfig(name=name, platform="tensorrt_plan", max_batch_size=0)

@@ -44,12 +44,12 @@ class ServeOptions:
 
 def resolve_export(options: ServeOptions, say: Say) -> Path | None:
     """The export folder to serve: the given one, or the tiny model's cached export."""
+    from maskattn_deploy.export.folder import ExportFolder
     from maskattn_deploy.runtime.api import TINY, GenerateOptions, ensure_tiny_export, resolve_gates
-    from maskattn_deploy.runtime.model_info import read_manifest
 
     config = options.config
     if options.export_dir is not None:
-        read_manifest(options.export_dir)
+        ExportFolder.open(options.export_dir)
         return Path(options.export_dir)
     if config.backend == "torch":
         return None
