@@ -482,7 +482,8 @@ def test_split_components_run_over_bls_like_generate(
         "maskattn_unet",
         "maskattn_vae_decoder",
     ]
-    assert not (repo / "maskattn_sdxl" / "1" / "export" / "unet" / "model.onnx").exists()
+    unet = repo / "maskattn_unet" / "1" / "model.onnx"
+    assert unet.stat().st_ino == (export_dir / "unet" / "model.onnx").stat().st_ino  # a hard link
     work = tmp_path / "work"
     work.mkdir()
     with TritonServer(repo, Endpoints(http_port=0, grpc_port=0, metrics_port=0), work) as server:

@@ -258,8 +258,8 @@ def test_export_triton_with_engines_writes_plan_models(
         "unet": COMPONENT_MODELS["unet"]
     }
     inside = repo / "maskattn_sdxl" / "1" / "export"
-    assert not (inside / "unet" / "model.onnx").exists()  # served by the plan
     assert (inside / "vae_decoder" / "model.onnx").exists()  # no engine: runs on ONNX Runtime
+    assert not (inside / "engines").exists()
 
 
 def test_export_triton_refuses_a_missing_export_and_torch(

@@ -67,18 +67,15 @@ def _onnxruntime(config: ServeConfig, export_dir: Path, threads: int) -> tuple[P
 
 def _torch(config: ServeConfig, export_dir: str | None, device_id: str) -> tuple[Pipeline, bool]:
     from maskattn_deploy.export.folder import ExportFolder
-    from maskattn_deploy.runtime.api import TINY, resolve_gates, torch_device, torch_pipeline
+    from maskattn_deploy.models.choice import ModelChoice
+    from maskattn_deploy.runtime.api import TINY, torch_device, torch_pipeline
 
     model = config.model
     if model is None and export_dir:
         model = ExportFolder.open(export_dir).manifest.model.spec
     model = model or TINY
-    from maskattn_deploy.runtime.api import GenerateOptions
-
-    options = GenerateOptions(
-        "-", gates=Path(config.gates) if config.gates else None, no_gates=config.no_gates
-    )
-    gates = resolve_gates(options, model)
+    choice = ModelChoice(model, Path(config.gates) if config.gates else None, config.no_gates)
+    gates = choice.gate_checkpoint()
     requested = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda":
         requested = f"cuda:{device_id}"

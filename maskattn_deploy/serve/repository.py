@@ -184,7 +184,7 @@ def write_repository(
         if export_dir is not None:
             where = str(Path(export_dir).resolve())
             if copy_export:
-                _link_tree(Path(export_dir), version / EXPORT_SUBDIR, skip=engines + split)
+                _link_tree(Path(export_dir), version / EXPORT_SUBDIR)
                 where = EXPORT_SUBDIR  # relative: resolved against the model folder at load
         gpu = config.backend == "tensorrt" or (config.device or "").startswith("cuda")
         text = pipeline_config_text(config, where, gpu)
@@ -273,18 +273,14 @@ def _runtime_output_specs(component: str, entry: Mapping[str, Any]) -> list[Mapp
     return [t for t in outputs if t["name"] in keep]
 
 
-def _link_tree(source: Path, target: Path, skip: list[str]) -> None:
-    """Copy ``source`` to ``target`` by hard links where possible, without the engines folder
-    and without the ONNX files of the ``skip`` components (served as TensorRT plans)."""
+def _link_tree(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` without its engines folder, by hard links where the file
+    system allows (else copies). The ONNX files stay even for components served as other
+    models: the export folder is only complete with them (and they are hard links)."""
     source = Path(source)
 
     def ignore(folder: str, names: list[str]) -> list[str]:
-        here = Path(folder)
-        if here == source:
-            return [name for name in names if name == "engines"]
-        if here.parent == source and here.name in skip:
-            return [name for name in names if ".onnx" in name]
-        return []
+        return [name for name in names if Path(folder) == source and name == "engines"]
 
     shutil.copytree(source, target, ignore=ignore, copy_function=_link_or_copy)
 

@@ -45,7 +45,8 @@ class ServeOptions:
 def resolve_export(options: ServeOptions, say: Say) -> Path | None:
     """The export folder to serve: the given one, or the tiny model's cached export."""
     from maskattn_deploy.export.folder import ExportFolder
-    from maskattn_deploy.runtime.api import TINY, GenerateOptions, ensure_tiny_export, resolve_gates
+    from maskattn_deploy.models.choice import ModelChoice
+    from maskattn_deploy.runtime.api import TINY, ensure_tiny_export
 
     config = options.config
     if options.export_dir is not None:
@@ -64,10 +65,8 @@ def resolve_export(options: ServeOptions, say: Say) -> Path | None:
             "the tensorrt backend serves engines: maskattn-deploy export --model tiny --out DIR, "
             "maskattn-deploy build DIR, then maskattn-deploy serve DIR --backend tensorrt"
         )
-    generate = GenerateOptions(
-        "-", gates=Path(config.gates) if config.gates else None, no_gates=config.no_gates
-    )
-    export_dir, _ = ensure_tiny_export(resolve_gates(generate, TINY), say)
+    choice = ModelChoice(TINY, Path(config.gates) if config.gates else None, config.no_gates)
+    export_dir, _ = ensure_tiny_export(choice.gate_checkpoint(), say)
     return export_dir
 
 
