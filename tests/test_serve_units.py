@@ -327,3 +327,14 @@ def test_text_encoder_plan_declares_only_the_outputs_its_engine_keeps(
     model = parse_config((repo / "maskattn_text_encoder_2" / "config.pbtxt").read_text())
     assert [o.name for o in model.output] == ["text_embeds", "hidden_states.2"]
     assert [(i.name, list(i.dims)) for i in model.input] == [("input_ids", [-1, 77])]
+
+
+def test_library_parameter_names_become_request_fields() -> None:
+    from maskattn_deploy.runtime.pipeline import check_size
+    from maskattn_deploy.serve.triton_model import field_message
+
+    with pytest.raises(UserError) as caught:
+        check_size("height", 100, None)
+    assert field_message(caught.value) == "HEIGHT 100 must be a positive multiple of 8"
+    plain = UserError("steps and the height of the hill", params=("num_images",))
+    assert field_message(plain) == "steps and the height of the hill"  # only listed names change

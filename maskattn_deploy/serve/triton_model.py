@@ -97,7 +97,7 @@ class TritonPythonModel:
             try:
                 config, masks = self._parse(request)
             except UserError as exc:
-                responses[index] = _error(pb, str(exc), "INVALID_ARG")
+                responses[index] = _error(pb, field_message(exc), "INVALID_ARG")
                 continue
             valid.append((index, config, masks))
         from maskattn_deploy.runtime.batching import plan_batches
@@ -121,7 +121,7 @@ class TritonPythonModel:
         try:
             config = self.pipeline.resolve(GenerateConfig(**kwargs))
         except UserError as exc:
-            raise RequestError(_as_request_error(str(exc))) from None
+            raise RequestError(field_message(exc)) from None
         return config, masks
 
     def _run(self, members: list[tuple[int, Any, bool]], requests: list[Any]) -> list[Any]:
@@ -135,7 +135,7 @@ class TritonPythonModel:
                 record_masks=self.pipeline.gate_stats and any(m for _, _, m in members),
             )
         except UserError as exc:
-            return [_error(pb, str(exc), "INVALID_ARG") for _ in members]
+            return [_error(pb, field_message(exc), "INVALID_ARG") for _ in members]
         except Exception as exc:  # noqa: BLE001 - a failed batch must still answer every request
             log.exception("batch of %d failed", len(members))
             message = f"generation failed: {type(exc).__name__}: {exc}"
@@ -161,11 +161,10 @@ def _error(pb: Any, message: str, code: str) -> Any:
     return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code)))
 
 
-def _as_request_error(message: str) -> str:
-    """Library messages name CLI flags (--height); the served request names fields (HEIGHT)."""
-    for flag in ("height", "width", "steps", "guidance", "num-images"):
-        message = message.replace(f"--{flag}", flag.upper().replace("-", "_"))
-    return message
+def field_message(exc: UserError) -> str:
+    """A library message with its parameter names shown as request fields (height -> HEIGHT)."""
+    fields = {name.lower(): name for name in INPUTS}
+    return exc.message_for(lambda param: fields.get(param))
 
 
 def response_values(result: Any, masks: bool, wanted: set[str], batch_s: float) -> dict[str, Any]:
