@@ -64,7 +64,12 @@ class TritonPythonModel:
             from maskattn_deploy.serve.drain import DrainWatch
 
             self.drain = DrainWatch(Path(config.control_dir))
-        log.info("maskattn_sdxl ready: %s", self.pipeline.backend.describe())
+        # Which installation the stub imported: the environment serve runs in, found on PATH.
+        package = Path(__file__).resolve().parents[1]
+        # Triton's logger: the stub's Python logging has no handler, so log.info is dropped.
+        pb_utils.Logger.log_info(
+            f"maskattn_sdxl ready: {self.pipeline.backend.describe()} ({package})"
+        )
 
     def _warmup(self) -> None:
         """One small generation so the first client does not pay for session start-up."""
