@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark a local server: start ``maskattn-deploy serve``, run ``loadtest`` levels, stop it.
 
-    python scripts/serve_loadtest.py [--serve-args "EXPORT_DIR --max-batch 8 ..."]
+    python scripts/serve_loadtest.py [--serve-args "EXPORT_DIR --instances 2 --threads 1 ..."]
         [--concurrency 1,8] [--requests 24] [--steps 8] [--height 128] [--width 128]
         [--json out.json]
 
@@ -28,7 +28,7 @@ from maskattn_deploy.serve.spawn import spawn_serve
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--serve-args", default="--max-batch 8 --quiet")
+    parser.add_argument("--serve-args", default="--instances 2 --threads 1 --quiet")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--requests", type=int, default=24)
     parser.add_argument("--steps", type=int, default=None)
