@@ -49,7 +49,7 @@ def test_round_trip_is_exact(tmp_path: Path) -> None:
     assert list(data) == [
         "format", "created", "model", "vae", "gates", "gate_checkpoint_sha256", "opset",
         "precision", "recipe", "shapes", "components", "gated_layers", "plugin", "tools",
-        "validation", "files",
+        "validation", "files", "file_sizes",
     ]  # fmt: skip
     folder = ExportFolder.open(write(tmp_path, data))
     assert folder.manifest.to_dict() == data

@@ -63,8 +63,10 @@ def command(
 ) -> None:
     """Build TensorRT engines from an export folder."""
     from maskattn_deploy.engine.cuda_check import require_tensorrt_and_gpu
+    from maskattn_deploy.export.folder import ExportFolder
 
     tiling = _parse_tiling(kernel_tiling) if kernel_tiling else None
+    ExportFolder.open(export_dir)  # a missing or corrupt export is named before TensorRT
     require_tensorrt_and_gpu()
     from maskattn_deploy.engine.builder import BuildOptions, build_engines
 

@@ -302,8 +302,8 @@ def build_engines(
 ) -> list[Path]:
     """Build an engine per component of the export; returns the engine paths written."""
     options = options or BuildOptions()
+    manifest = ExportFolder.open(export_dir).manifest  # a bad folder is named before TensorRT
     cuda = require_tensorrt_and_gpu()
-    manifest = ExportFolder.open(export_dir).manifest
     recipe_obj = resolve_recipe(recipe, manifest.recipe)
     jobs = plan_builds(export_dir, manifest, recipe_obj, options)
     records = _register_plugins(jobs, options, recipe_obj.shapes.text_tokens, cuda)

@@ -138,6 +138,7 @@ class ExportManifest:
     tools: dict[str, Any]
     validation: dict[str, Any] | None
     files: dict[str, str] = field(default_factory=dict)
+    file_sizes: dict[str, int] = field(default_factory=dict)  # bytes; absent in older exports
 
     @property
     def gates_sha256(self) -> str | None:
@@ -171,6 +172,7 @@ class ExportManifest:
             "tools": self.tools,
             "validation": self.validation,
             "files": self.files,
+            "file_sizes": self.file_sizes,
         }
 
     @classmethod
@@ -196,7 +198,8 @@ class ExportManifest:
             plugin=dict(data.get("plugin") or {}),
             tools=dict(data.get("tools") or {}),
             validation=read.table("validation", optional=True),
-            files=dict(data.get("files") or {}),
+            files=read.table("files", optional=True) or {},
+            file_sizes=read.table("file_sizes", optional=True) or {},
         )
 
 
@@ -350,8 +353,13 @@ class ExportFolder:
         return (Path(path) / MANIFEST_NAME).is_file()
 
     @classmethod
-    def open(cls, path: str | Path) -> ExportFolder:
-        """Read, migrate and check ``path``; one-line :class:`ExportFolderError` otherwise."""
+    def open(cls, path: str | Path, verify: bool = True) -> ExportFolder:
+        """Read, migrate and check ``path``; one-line :class:`ExportFolderError` otherwise.
+
+        ``verify`` checks every file the manifest lists against its recorded size and SHA-256
+        (hashed once per file version, see :mod:`maskattn_deploy.export.integrity`), so a
+        corrupted or partly copied file is refused instead of giving wrong images.
+        """
         folder = Path(path)
         if not folder.is_dir():
             raise ExportFolderError(
@@ -373,6 +381,10 @@ class ExportFolder:
         for name, entry in manifest.components.items():
             if not (folder / entry.path).is_file():
                 raise ExportFolderError(f"{folder / entry.path} ({name}) is missing; {REEXPORT}")
+        if verify:
+            from maskattn_deploy.export.integrity import verify_files
+
+            verify_files(folder, manifest.files, manifest.file_sizes, ExportFolderError)
         return cls(folder, manifest)
 
     def onnx_path(self, component: str) -> Path:

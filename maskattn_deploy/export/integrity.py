@@ -67,6 +67,18 @@ def _save_cache(path: Path | None, entries: dict[str, list]) -> None:
         write_json_atomic(path, entries)
 
 
+def remember_files(files: Mapping[str, str], folder: Path, root: str | Path) -> None:
+    """Record that ``folder``'s files have the SHA-256s in ``files``, for the folder that will
+    be at ``root`` (an export calls it on its temp folder just before renaming it into place:
+    a rename of the folder keeps its files' size, times and inodes)."""
+    cache_path = _cache_path(Path(root))
+    cache = _load_cache(cache_path)
+    for name, digest in files.items():
+        with contextlib.suppress(OSError):
+            cache[name] = [*_stamp((folder / name).stat()), digest]
+    _save_cache(cache_path, cache)
+
+
 def verify_files(
     root: str | Path,
     files: Mapping[str, str],
@@ -81,6 +93,8 @@ def verify_files(
     cache = _load_cache(cache_path)
     hashed = 0
     for name, digest in files.items():
+        if not isinstance(name, str) or not isinstance(digest, str) or ".." in Path(name).parts:
+            raise error(f"{root}: the manifest's 'files' entry {name!r} is malformed; {hint}")
         path = root / name
         try:
             stat = path.stat()

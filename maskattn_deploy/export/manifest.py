@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,11 @@ def file_hashes(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST_NAME
     }
+
+
+def file_sizes(folder: Path, files: Mapping[str, str]) -> dict[str, int]:
+    """Size in bytes of each file of ``files`` (relative paths)."""
+    return {name: (folder / name).stat().st_size for name in files}
 
 
 def checkpoint_gates_entry(path: str | Path, ckpt: Any, gates: Any) -> GatesEntry:
@@ -156,7 +162,8 @@ def build_manifest(
         },
         tools=tool_versions(),
         validation={r.name: r.validation_entry() for r in results} if validated else None,
-        files=file_hashes(folder),
+        files=(files := file_hashes(folder)),
+        file_sizes=file_sizes(folder, files),
     )
 
 

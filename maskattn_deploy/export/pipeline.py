@@ -31,6 +31,7 @@ from maskattn_deploy.export.components import (
     pipeline_component,
     unet_component,
 )
+from maskattn_deploy.export.integrity import remember_files
 from maskattn_deploy.export.manifest import (
     ExportSource,
     build_manifest,
@@ -414,6 +415,7 @@ def export_pipeline(
                 options.attention_node,
             )  # fmt: skip
             write_manifest(tmp, manifest)
+            remember_files(manifest.files, tmp, out)  # opening it does not hash it again
         finally:
             if not owned and gate_path is not None:
                 remove_gates(pipe.unet)
@@ -460,6 +462,7 @@ def export_unet(
             options.validate, options.attention_node,
         )  # fmt: skip
         write_manifest(tmp, manifest)
+        remember_files(manifest.files, tmp, out)
     return ExportResult(out, manifest, results, time.perf_counter() - start)
 
 
