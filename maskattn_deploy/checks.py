@@ -58,6 +58,11 @@ def _range_text(
     return lower or upper
 
 
+def _invalid(name: str, message: str) -> InvalidValueError:
+    """The error, naming ``name`` as a parameter when it is one (the CLI shows its flag)."""
+    return InvalidValueError(message, params=(name,) if name.isidentifier() else ())
+
+
 def check_int(
     name: str, value: Any, low: int | None = None, high: int | None = None, hint: str = ""
 ) -> int:
@@ -65,9 +70,9 @@ def check_int(
     bounds = _range_text(low, high)
     wanted = f"an integer {bounds}".rstrip()
     if not is_int(value):
-        raise InvalidValueError(f"{name} must be {wanted}, got {_show(value)}{hint}")
+        raise _invalid(name, f"{name} must be {wanted}, got {_show(value)}{hint}")
     if (low is not None and value < low) or (high is not None and value > high):
-        raise InvalidValueError(f"{name} must be {wanted}, got {value}{hint}")
+        raise _invalid(name, f"{name} must be {wanted}, got {value}{hint}")
     return int(value)
 
 
@@ -84,14 +89,14 @@ def check_float(
     NaN and +-inf are refused."""
     wanted = f"a finite number {_range_text(low, high, above, below)}".rstrip()
     if not is_number(value):
-        raise InvalidValueError(f"{name} must be {wanted}, got {_show(value)}{hint}")
+        raise _invalid(name, f"{name} must be {wanted}, got {_show(value)}{hint}")
     number = float(value)
     bad = not math.isfinite(number)
     bad = bad or (low is not None and number < low) or (high is not None and number > high)
     bad = bad or (above is not None and number <= above)
     bad = bad or (below is not None and number >= below)
     if bad:
-        raise InvalidValueError(f"{name} must be {wanted}, got {number:g}{hint}")
+        raise _invalid(name, f"{name} must be {wanted}, got {number:g}{hint}")
     return number
 
 

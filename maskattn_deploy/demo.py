@@ -56,6 +56,15 @@ class DemoConfig:
     overwrite: bool = False
     gates: Path | None = None  # skip training and use these gates
 
+    def __post_init__(self) -> None:
+        from maskattn_deploy.checks import check_int
+        from maskattn_deploy.runtime.limits import MAX_STEPS
+
+        if self.train_steps is not None:
+            check_int("train_steps", self.train_steps, 1, 1_000_000)
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("bench_repeats", self.bench_repeats, 1, 100_000)
+
 
 @dataclass
 class StageTime:
@@ -125,8 +134,6 @@ def _prepare_out(config: DemoConfig) -> Path:
 
 def run_demo(config: DemoConfig, say: Say = print) -> DemoResult:
     """Run every stage and write ``OUT/report.md``; returns what was written."""
-    if (config.train_steps is not None and config.train_steps < 1) or config.steps < 1:
-        raise UserError("train_steps and steps must be at least 1", params=("train_steps", "steps"))
     out = _prepare_out(config)
     result = DemoResult(out)
     stages = _Stages(say, result)

@@ -10,6 +10,7 @@ the images) is checked by the demo test.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -78,15 +79,31 @@ def _copy(export_dir: Path, tmp_path: Path) -> Path:
 
 
 def _edit_initializer(onnx_path: Path, pick, change) -> str:
-    """Apply ``change`` to the first initializer ``pick`` selects; returns its name."""
+    """Apply ``change`` to the first initializer ``pick`` selects; returns its name.
+
+    The manifest then records the edited file's hash and size, as an exporter with this bug
+    would have written it (a file changed after the export is refused when the folder is
+    opened, before parity could compare anything).
+    """
     model = onnx.load(str(onnx_path), load_external_data=True)
     for init in model.graph.initializer:
         array = numpy_helper.to_array(init)
         if pick(init.name, array):
             init.CopyFrom(numpy_helper.from_array(change(array.copy()), init.name))
             onnx.save(model, str(onnx_path))
+            _record(onnx_path)
             return init.name
     raise AssertionError(f"no initializer matched in {onnx_path}")
+
+
+def _record(path: Path) -> None:
+    folder = path.parent.parent
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rel = path.relative_to(folder).as_posix()
+    manifest["files"][rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if rel in manifest.get("file_sizes", {}):
+        manifest["file_sizes"][rel] = path.stat().st_size
+    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_tiny_fp32_unet_passes_with_gate_agreement(export_dir: Path, tmp_path: Path) -> None:

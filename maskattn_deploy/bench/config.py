@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from maskattn_deploy.checks import check_int
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.folder import ExportFolder, ExportManifest
 from maskattn_deploy.parity.inputs import ShapeCase, default_case
@@ -45,6 +46,19 @@ class BenchConfig:
     ort_provider: str = "auto"
     prompt: str = "a red circle left of a blue square"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from maskattn_deploy.parity.inputs import check_shape_cases
+        from maskattn_deploy.runtime.limits import MAX_SEED, MAX_STEPS
+
+        check_int("repeats", self.repeats, 1, 100_000)
+        check_int("warmup", self.warmup, 0, 10_000)
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("e2e_repeats", self.e2e_repeats, 1, 10_000)
+        if self.threads is not None:
+            check_int("threads", self.threads, 1, 1024)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_shape_cases(self.shapes)
 
 
 @dataclass
@@ -95,6 +109,10 @@ def resolve_setup(config: BenchConfig) -> BenchSetup:
         gates = tiny_default_gates_dir()
     if gates is None and not gates_error:
         gates_error = f"no gates for model {model}: pass --gates CKPT"
+    if config.shapes and folder is not None:
+        from maskattn_deploy.parity.inputs import check_cases_for_export
+
+        check_cases_for_export(config.shapes, folder)
     cases = config.shapes or [default_case(manifest)]
     return BenchSetup(
         model, gates, precision, device, config.export_dir, manifest, cases, gates_error

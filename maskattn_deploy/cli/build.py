@@ -23,7 +23,7 @@ import click
 )
 @click.option(
     "--workspace-gib",
-    type=float,
+    type=click.FloatRange(0, 4096, min_open=True),
     default=None,
     help="Builder workspace limit in GiB (default: recipe).",
 )
@@ -67,7 +67,7 @@ def command(
 
     tiling = _parse_tiling(kernel_tiling) if kernel_tiling else None
     ExportFolder.open(export_dir)  # a missing or corrupt export is named before TensorRT
-    require_tensorrt_and_gpu()
+    require_tensorrt_and_gpu()  # fast: before the builder's heavy imports
     from maskattn_deploy.engine.builder import BuildOptions, build_engines
 
     names = [c.strip() for c in components.split(",") if c.strip()] if components else None

@@ -86,6 +86,14 @@ class BuildOptions:
     outputs: Mapping[str, Sequence[str]] = field(default_factory=dict)
     kernel_tiling: tuple[int, int, int] | None = None
 
+    def __post_init__(self) -> None:
+        from maskattn_deploy.checks import check_float, check_int
+
+        if self.workspace_gib is not None:
+            check_float("workspace_gib", self.workspace_gib, above=0.0, high=4096.0)
+        if self.opt_level is not None:
+            check_int("opt_level", self.opt_level, 0, 5, hint=" (TensorRT's optimization levels)")
+
 
 @dataclass(frozen=True)
 class BuildJob:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from maskattn_deploy.checks import check_int
 from maskattn_deploy.errors import ExportError, UserError
 from maskattn_deploy.export import graph as graph_mod
 from maskattn_deploy.export.adapters import UNetModule, inner_module
@@ -116,6 +117,8 @@ class ExportOptions:
         return self.progress or logger.info
 
     def check(self) -> None:
+        if self.external_data_threshold is not None:
+            check_int("external_data_threshold", self.external_data_threshold, 0)
         if self.vae_fp16 and not self.fp16:
             raise UserError(
                 "vae_fp16 needs fp16 (the fp32 export keeps every component fp32)",

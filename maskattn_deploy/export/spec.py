@@ -19,6 +19,8 @@ shape facts every other module imports (the latent factor, the text length, the 
 
 from __future__ import annotations
 
+from typing import Any
+
 # The manifest's format: name/version. Version 2: validation checks are parity verdicts;
 # ExportFolder.open migrates version-1 manifests (maskattn_deploy.export.folder.MIGRATIONS).
 EXPORT_FORMAT_NAME = "maskattn-deploy-export"
@@ -41,6 +43,16 @@ PER_LAYER_OUTPUT_PREFIX = "probs/"
 # downsamples latents twice and diffusers' SDXL resolutions (1024, 896x1152, ...) all are.
 LATENT_FACTOR = 8
 PIXEL_MULTIPLE = 64
+
+
+def pixel_multiple(unet_config: Any) -> int:
+    """The pixel sizes a UNet runs at are multiples of this: the latent factor times the
+    UNet's downsampling (2 per down block after the first; SDXL's 3 blocks: 4, so 32 px).
+    Other sizes reach a skip connection with mismatched shapes (exported graphs fail there)."""
+    blocks = len(unet_config["block_out_channels"])
+    return LATENT_FACTOR * 2 ** max(blocks - 1, 0)
+
+
 TEXT_TOKENS = 77
 
 # Symbolic axis names used in the ONNX graphs' inputs/outputs and in the manifest: B batch

@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
+from maskattn_deploy.checks import check_int
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.component_spec import COMPONENT_IO
-from maskattn_deploy.export.folder import ExportManifest
+from maskattn_deploy.export.folder import ExportFolder, ExportManifest
 from maskattn_deploy.export.spec import PER_LAYER_OUTPUT_PREFIX
 from maskattn_deploy.parity.compare import (
     OutputVerdict,
@@ -34,7 +35,14 @@ from maskattn_deploy.parity.compare import (
     compare_outputs,
 )
 from maskattn_deploy.parity.gates import gate_agreement, mask_from_probs
-from maskattn_deploy.parity.inputs import ModelDims, ShapeCase, default_case, make_feed
+from maskattn_deploy.parity.inputs import (
+    ModelDims,
+    ShapeCase,
+    check_cases_for_export,
+    check_shape_cases,
+    default_case,
+    make_feed,
+)
 from maskattn_deploy.parity.reference import Reference, load_reference
 from maskattn_deploy.parity.results import BackendStatus, Localisation, ParityResult
 from maskattn_deploy.parity.tolerances import (
@@ -43,6 +51,7 @@ from maskattn_deploy.parity.tolerances import (
     image_tolerance_for,
     tolerance_for,
 )
+from maskattn_deploy.runtime.limits import MAX_SEED, MAX_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,11 @@ class ParityConfig:
     device: str | None = None
     ort_provider: str = "auto"
 
+    def __post_init__(self) -> None:
+        check_int("steps", self.steps, 1, MAX_STEPS)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_shape_cases(self.shapes)
+
 
 def _say_nothing(_: str) -> None:
     pass
@@ -81,6 +95,8 @@ def run_parity(config: ParityConfig, say: Say = _say_nothing) -> ParityResult:
     start = time.perf_counter()
     for name in config.backends:  # before minutes of loading: a typo fails at once
         check_backend_name(name)
+    if config.shapes:  # before minutes of loading too
+        check_cases_for_export(config.shapes, ExportFolder.open(config.export_dir))
     ref = load_reference(config.export_dir, config.model, config.gates, config.device)
     manifest, precision = ref.manifest, ref.precision
     components = _components(config, manifest)

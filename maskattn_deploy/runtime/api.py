@@ -25,10 +25,11 @@ from maskattn_deploy.export.folder import ExportFolder, ExportFolderError, Expor
 from maskattn_deploy.export.spec import GRAPH_REVISION
 from maskattn_deploy.models.choice import TINY, ModelChoice
 from maskattn_deploy.runtime.base import Backend, check_backend_name
+from maskattn_deploy.runtime.limits import check_request
 from maskattn_deploy.runtime.masks import render_mask_grid
 from maskattn_deploy.runtime.model_info import ModelInfo
 from maskattn_deploy.runtime.outputs import save_png, save_run_pngs, write_json
-from maskattn_deploy.runtime.pipeline import GenerateConfig, GenerateResult, Pipeline, check_size
+from maskattn_deploy.runtime.pipeline import GenerateConfig, GenerateResult, Pipeline
 from maskattn_deploy.utils import check_output_folder
 
 log = logging.getLogger(__name__)
@@ -380,9 +381,14 @@ def early_checks(options: GenerateOptions) -> None:
     check_backend_name(options.backend)
     if not options.prompt or not options.prompt.strip():
         raise UserError("the prompt is empty; pass a text prompt, e.g. 'a red square'")
-    for name, value in (("height", options.height), ("width", options.width)):
-        if value is not None:
-            check_size(name, value, None)
+    check_request(
+        options.steps,
+        options.guidance,
+        options.seed,
+        options.num_images,
+        options.height,
+        options.width,
+    )
     if options.choice.no_gates and options.save_masks:
         raise UserError(
             "save_masks draws the gate masks, so it cannot be used with no_gates",
@@ -395,7 +401,9 @@ def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
     """Generate, write PNGs (+ mask grids, + JSON) and return the report."""
     early_checks(options)
     pipeline, cache = build_pipeline(options, say)
-    steps = options.steps or DEFAULT_STEPS[TINY if pipeline.info.model_spec == TINY else "other"]
+    steps = options.steps
+    if steps is None:
+        steps = DEFAULT_STEPS[TINY if pipeline.info.model_spec == TINY else "other"]
     config = GenerateConfig(
         prompt=options.prompt,
         negative_prompt=options.negative_prompt,

@@ -15,7 +15,7 @@ from typing import Any
 
 from maskattn_deploy.export.component_spec import hidden_state, penultimate_state
 from maskattn_deploy.export.folder import ExportFolder, ExportFolderError, ExportManifest
-from maskattn_deploy.export.spec import LATENT_FACTOR
+from maskattn_deploy.export.spec import LATENT_FACTOR, PIXEL_MULTIPLE, pixel_multiple
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class ModelInfo:
     force_zeros_for_empty_prompt: bool = True
     default_size: tuple[int, int] = (1024, 1024)  # (height, width) in pixels
     height_range: Range | None = None  # allowed pixel heights (None: any multiple of 8)
+    size_multiple: int = PIXEL_MULTIPLE  # pixel sizes the UNet runs at (export/spec.py)
     width_range: Range | None = None
     batch_range: Range | None = None  # UNet rows (CFG doubles the image count)
     precision: str = "fp32"
@@ -72,6 +73,7 @@ class ModelInfo:
                 pipe.config.get("force_zeros_for_empty_prompt", True)
             ),
             default_size=(size, size),
+            size_multiple=pixel_multiple(pipe.unet.config),
             text_states=(
                 hidden_state(int(pipe.text_encoder.config.num_hidden_layers) - 1),
                 hidden_state(int(pipe.text_encoder_2.config.num_hidden_layers) - 1),
@@ -100,6 +102,7 @@ class ModelInfo:
             force_zeros_for_empty_prompt=True if force_zeros is None else force_zeros,
             default_size=(shapes.height[1], shapes.width[1]),
             height_range=(shapes.height[0], shapes.height[2]),
+            size_multiple=export_size_multiple(export_dir),
             width_range=(shapes.width[0], shapes.width[2]),
             batch_range=(shapes.batch[0], shapes.batch[2]),
             precision=manifest.precision,
@@ -119,6 +122,14 @@ def _text_states(manifest: ExportManifest) -> tuple[str, str] | None:
         for name in ("text_encoder", "text_encoder_2")
     )
     return first, second
+
+
+def export_size_multiple(export_dir: Path) -> int:
+    """From the UNet's config in the export; exports without one ran at multiples of 64."""
+    try:
+        return pixel_multiple(json.loads((export_dir / "unet" / "config.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return PIXEL_MULTIPLE
 
 
 def _load(cls: Any, folder: Path) -> Any:

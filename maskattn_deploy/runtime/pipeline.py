@@ -31,10 +31,17 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from maskattn_deploy.checks import check_int, is_int
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.export.spec import LATENT_FACTOR
 from maskattn_deploy.runtime.base import Backend
 from maskattn_deploy.runtime.batching import RowLayout, check_same_key, unet_rows
+from maskattn_deploy.runtime.limits import (
+    MAX_STEPS,
+    check_request,
+    check_size,
+    out_of_memory_as_error,
+)
 from maskattn_deploy.runtime.masks import MaskAccumulator, token_labels
 from maskattn_deploy.runtime.model_info import ModelInfo
 from maskattn_deploy.runtime.schedulers import SCHEDULERS, make_scheduler
@@ -57,6 +64,13 @@ class GenerateConfig:
     height: int | None = None
     width: int | None = None
     num_images: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise UserError("prompt and negative_prompt must be text", params=("prompt",))
+        check_request(
+            self.steps, self.guidance, self.seed, self.num_images, self.height, self.width
+        )
 
     @property
     def do_cfg(self) -> bool:
@@ -166,14 +180,9 @@ class Pipeline:
             raise UserError(
                 f"unknown scheduler {config.scheduler!r}; choose one of {', '.join(SCHEDULERS)}"
             )
-        if config.steps < 1 or config.num_images < 1:
-            raise UserError(
-                "steps and num_images must be at least 1", params=("steps", "num_images")
-            )
-        if config.guidance < 0:
-            raise UserError(
-                "guidance must be >= 0 (values <= 1 turn guidance off)", params=("guidance",)
-            )
+        timesteps = self.info.scheduler_config.get("num_train_timesteps", MAX_STEPS)
+        if is_int(timesteps):
+            check_int("steps", config.steps, 1, timesteps, hint=" (the scheduler's timesteps)")
         height = config.height or self.info.default_size[0]
         width = config.width or self.info.default_size[1]
         for name, value, allowed in (
@@ -181,6 +190,12 @@ class Pipeline:
             ("width", width, self.info.width_range),
         ):
             check_size(name, value, allowed)
+            if value % self.info.size_multiple:
+                raise UserError(
+                    f"{name} {value} must be a multiple of {self.info.size_multiple} px for this "
+                    "model (latent factor x the UNet's downsampling)",
+                    params=(name,),
+                )
         rows = config.num_images * (2 if config.do_cfg else 1)
         if (
             self.info.batch_range
@@ -292,11 +307,12 @@ class Pipeline:
         """Run one generation; ``warmup`` first runs a 2-step pass with the same shapes."""
         config = self.resolve(config)
         warmup_s = None
-        if warmup:
-            start = time.perf_counter()
-            self._run([replace(config, steps=min(config.steps, 2))], False, False, False)
-            warmup_s = time.perf_counter() - start
-        result = self._run([config], progress, record_masks, False)[0]
+        with out_of_memory_as_error([config], self.backend.device):
+            if warmup:
+                start = time.perf_counter()
+                self._run([replace(config, steps=min(config.steps, 2))], False, False, False)
+                warmup_s = time.perf_counter() - start
+            result = self._run([config], progress, record_masks, False)[0]
         result.timings.warmup_s = warmup_s
         return result
 
@@ -330,7 +346,8 @@ class Pipeline:
                 f"{len(resolved)} requests need UNet batch {rows}, but the export accepts at "
                 f"most {self.max_rows}; split them with plan_batches(configs, pipeline.max_rows)"
             )
-        return self._run(resolved, progress, record_masks, gate_stats)
+        with out_of_memory_as_error(resolved, self.backend.device):
+            return self._run(resolved, progress, record_masks, gate_stats)
 
     def _mask_context(self, record: bool) -> contextlib.AbstractContextManager[Any]:
         if not record:
@@ -491,20 +508,6 @@ class Pipeline:
             "gates_sha256": self.info.gates_sha256 or "none",
             "precision": self.info.precision,
         }
-
-
-def check_size(name: str, value: int, allowed: tuple[int, int] | None) -> None:
-    """Refuse sizes that are not positive multiples of 8 or lie outside the exported range."""
-    if value <= 0 or value % LATENT_FACTOR:
-        raise UserError(
-            f"{name} {value} must be a positive multiple of {LATENT_FACTOR}", params=(name,)
-        )
-    if allowed and not allowed[0] <= value <= allowed[1]:
-        raise UserError(
-            f"{name} {value} is outside the exported range {allowed[0]}..{allowed[1]} px; "
-            "choose a size in range or re-export with a recipe that covers it",
-            params=(name,),
-        )
 
 
 def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:

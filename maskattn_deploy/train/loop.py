@@ -571,4 +571,8 @@ def run_training(
     cpu: bool = False,
 ) -> TrainResult:
     """Train gates as ``config`` says; the library entry point of ``maskattn-deploy train``."""
+    if max_steps is not None:
+        from maskattn_deploy.checks import check_int
+
+        check_int("max_steps", max_steps, 1)
     return Trainer(config, out_dir, resume=resume, cpu=cpu).run(max_steps=max_steps)

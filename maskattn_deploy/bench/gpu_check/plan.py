@@ -146,6 +146,12 @@ class CheckConfig:
     skip_compile: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from maskattn_deploy.checks import check_float, check_int
+
+        check_float("budget_s", self.budget_s, 0.0, 7 * 24 * 3600.0)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+
     @property
     def plan(self) -> Plan:
         return DRY_PLAN if self.dry_run else GPU_PLAN
