@@ -37,7 +37,6 @@ LINE_KEYS = (
     "width",
 )
 _TYPES = {f.name: f.type for f in fields(GenerateConfig)}
-_DEFAULT_STEPS = -1  # placeholder until the model (and so its default step count) is known
 
 
 @dataclass
@@ -172,7 +171,7 @@ def run_generate_batch(options: Any, batch_file: Path, say: Any = print) -> Batc
     base = GenerateConfig(
         prompt="",
         negative_prompt=options.negative_prompt,
-        steps=options.steps or _DEFAULT_STEPS,
+        steps=options.steps,  # None: the model's default, known once it is loaded
         guidance=options.guidance,
         scheduler=options.scheduler,
         seed=options.seed,
@@ -183,7 +182,7 @@ def run_generate_batch(options: Any, batch_file: Path, say: Any = print) -> Batc
     configs = read_batch_file(batch_file, base)  # before loading anything: fail fast
     pipeline, _ = build_pipeline(options, say)
     default_steps = DEFAULT_STEPS[TINY if pipeline.info.model_spec == TINY else "other"]
-    configs = [replace(c, steps=default_steps) if c.steps == _DEFAULT_STEPS else c for c in configs]
+    configs = [replace(c, steps=default_steps) if c.steps is None else c for c in configs]
     report = run_batch(pipeline, configs, Path(options.out), options.progress)
     write_report(report, options.json_path)
     return report
