@@ -110,6 +110,16 @@ SCHEDULER_CHOICES = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", 
 @click.option(
     "--device", default=None, help="torch backend device (default: cuda when available, else cpu)."
 )
+@click.option(
+    "--compile",
+    "compile_mode",
+    type=click.Choice(["default", "reduce-overhead"]),
+    is_flag=False,
+    flag_value="default",
+    default=None,
+    help="torch backend: run the UNet through torch.compile (--compile alone: mode default; "
+    "reduce-overhead adds CUDA graphs on CUDA). The first step compiles; its time is printed.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the per-step progress bar.")
 def command(
     prompt: str | None,
@@ -132,6 +142,7 @@ def command(
     ort_provider: str,
     cuda_graph: bool,
     device: str | None,
+    compile_mode: str | None,
     no_progress: bool,
 ) -> None:
     """Generate images from PROMPT (or every line of --batch-file) via ONNX Runtime (default),
@@ -168,6 +179,7 @@ def command(
         ort_provider=ort_provider,
         cuda_graph=cuda_graph,
         device=device,
+        compile_mode=compile_mode,
         progress=not no_progress,
     )
     if batch_file is not None:

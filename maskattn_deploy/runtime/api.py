@@ -65,6 +65,7 @@ class GenerateOptions:
     ort_provider: str = "auto"
     cuda_graph: bool = False
     device: str | None = None  # torch backend: cpu / cuda (default: cuda when available)
+    compile_mode: str | None = None  # torch backend: torch.compile mode of the UNet (None: eager)
     progress: bool = True
 
     @property
@@ -229,8 +230,12 @@ def torch_device(requested: str | None) -> torch.device:
 # ---------------------------------------------------------------------- backends
 
 
-def torch_pipeline(model: str, gates: Path | None, device: torch.device) -> Pipeline:
-    """The reference pipeline: diffusers modules, gate processors installed unless ``gates`` is None."""
+def torch_pipeline(
+    model: str, gates: Path | None, device: torch.device, compile_mode: str | None = None
+) -> Pipeline:
+    """The reference pipeline: diffusers modules, gate processors installed unless ``gates`` is
+    None; ``compile_mode`` (``default`` | ``reduce-overhead``) runs the UNet through
+    torch.compile."""
     from maskattn_deploy.gating.checkpoint import load_gates
     from maskattn_deploy.models import load_pipeline
     from maskattn_deploy.runtime.torch_backend import torch_backend
@@ -240,7 +245,8 @@ def torch_pipeline(model: str, gates: Path | None, device: torch.device) -> Pipe
     if gates is not None:
         gate_set = load_gates(gates, pipe.unet)
         sha = getattr(gate_set, "checkpoint_sha256", None)
-    return Pipeline(torch_backend(pipe, device), ModelInfo.from_pipe(pipe, model, sha))
+    backend = torch_backend(pipe, device, compile_mode=compile_mode)
+    return Pipeline(backend, ModelInfo.from_pipe(pipe, model, sha))
 
 
 def export_pipeline_for(options: GenerateOptions, say: Say) -> tuple[Pipeline, dict]:
@@ -301,7 +307,7 @@ def build_pipeline(options: GenerateOptions, say: Say) -> tuple[Pipeline, dict]:
             )
     model = model or TINY
     gates = choice.gate_checkpoint(model)
-    pipeline = torch_pipeline(model, gates, torch_device(options.device))
+    pipeline = torch_pipeline(model, gates, torch_device(options.device), options.compile_mode)
     if options.export_dir is not None:
         info = ModelInfo.from_export(options.export_dir)
         if info.unet_fingerprint and info.unet_fingerprint != pipeline.info.unet_fingerprint:
@@ -376,6 +382,24 @@ def write_mask_grids(
 # ---------------------------------------------------------------------- entry point
 
 
+def compile_notes(backend: Any, warmed_up: bool) -> list[str]:
+    """One line per torch.compile'd component: how long its first call (the compile) took."""
+    compiled = getattr(backend, "compile_warmups", None)
+    notes = []
+    for name, seconds in (compiled() if compiled else {}).items():
+        mode = backend.runners[name].compile_mode
+        where = (
+            "in the untimed warm-up"
+            if warmed_up
+            else "in the first step's time (--warmup keeps it out)"
+        )
+        notes.append(
+            f"torch.compile ({mode}) warm-up: the first {name} call took {seconds:.1f} s "
+            f"(compile + one call), {where}; later calls reuse the compiled graph"
+        )
+    return notes
+
+
 def early_checks(options: GenerateOptions) -> None:
     """Cheap validation before anything is loaded."""
     check_backend_name(options.backend)
@@ -395,6 +419,16 @@ def early_checks(options: GenerateOptions) -> None:
             params=("save_masks", "no_gates"),
         )
     check_output_folder(options.out)
+    if options.compile_mode is not None:
+        from maskattn_deploy.runtime.torch_backend import check_compile_mode
+
+        check_compile_mode(options.compile_mode)
+        if options.backend != "torch":
+            raise UserError(
+                f"compile_mode needs backend torch (torch.compile works on the PyTorch UNet; "
+                f"{options.backend} optimizes its own graph)",
+                params=("compile_mode", "backend"),
+            )
 
 
 def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
@@ -420,7 +454,7 @@ def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
     with pipeline.backend:
         result = pipeline.generate(config, options.progress, record, options.warmup)
         described = pipeline.backend.describe()
-    notes = []
+    notes = compile_notes(pipeline.backend, options.warmup)
     masks = result.masks
     if mask_gates is not None:
         masks, note = reference_masks(options, pipeline, result, mask_gates)

@@ -75,6 +75,7 @@ class TorchComponentRunner(ComponentRunner):
         self.device = device
         self.dtype = torch.float32 if component.startswith("vae") else dtype
         self.compile_mode = check_compile_mode(compile_mode)
+        self.compile_backend = "inductor"  # torch.compile backend (TorchBackend sets it)
         self._call: Any = self.adapter
         self.warmup_s: float | None = None  # duration of the first compiled call
 
@@ -85,7 +86,9 @@ class TorchComponentRunner(ComponentRunner):
         self.module.eval()
         if self.compile_mode is not None and self._call is self.adapter:
             mode = None if self.compile_mode == "default" else self.compile_mode
-            self._call = torch.compile(self.adapter, mode=mode, dynamic=False)
+            self._call = torch.compile(
+                self.adapter, mode=mode, dynamic=False, backend=self.compile_backend
+            )
 
     def _deactivate(self) -> None:
         pass  # the weights belong to the caller's pipeline; nothing to free
@@ -148,6 +151,7 @@ class TorchBackend(Backend):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         compile_mode: str | None = None,
+        compile_backend: Any = "inductor",
     ) -> None:
         from maskattn_deploy.gating import installed_gates
 
@@ -166,6 +170,8 @@ class TorchBackend(Backend):
             )
             for name, module in modules.items()
         }  # fmt: skip
+        for runner in runners.values():
+            runner.compile_backend = compile_backend
         super().__init__("torch", runners, device)
         self.pipe = pipe
         self.gates = installed_gates(pipe.unet)
@@ -197,9 +203,12 @@ def torch_backend(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     compile_mode: str | None = None,
+    compile_backend: Any = "inductor",
 ) -> TorchBackend:
     """The torch backend for a loaded diffusers pipeline (install gates on ``pipe.unet`` first).
 
-    ``compile_mode`` (``default`` or ``reduce-overhead``) runs the UNet through torch.compile.
+    ``compile_mode`` (``default`` or ``reduce-overhead``) runs the UNet through torch.compile
+    with ``compile_backend`` (inductor; another torch.compile backend such as ``aot_eager``
+    traces the same graph without generating kernels).
     """
-    return TorchBackend(pipe, device, dtype, compile_mode)
+    return TorchBackend(pipe, device, dtype, compile_mode, compile_backend)
