@@ -431,6 +431,13 @@ def test_bundled_tritonserver_loads_the_export_triton_repository(
     assert str(export_dir) not in (moved / "maskattn_sdxl" / "config.pbtxt").read_text()
     work = tmp_path / "work"
     work.mkdir()
+    # A broken package of the same name where the server is started: the Python-backend stub
+    # must still import the maskattn_deploy this process runs (a source checkout in the
+    # working directory must not shadow the installed package).
+    decoy = tmp_path / "decoy" / "maskattn_deploy"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('decoy package imported')\n")
+    monkeypatch.chdir(decoy.parent)
     server = TritonServer(moved, Endpoints(http_port=0, grpc_port=0, metrics_port=0), work)
     with server:
         server.wait_ready(600)
@@ -446,6 +453,11 @@ def test_bundled_tritonserver_loads_the_export_triton_repository(
     )
     assert np.array_equal(pixels(served.image), pixels(expected.images[0]))
     assert survivors(tree) == []
+    import maskattn_deploy
+
+    imported = Path(maskattn_deploy.__file__).resolve().parent
+    assert "maskattn_sdxl ready: " in server.log_path.read_text()
+    assert f"({imported})" in server.log_path.read_text(), server.log_tail()
 
 
 def test_split_components_run_over_bls_like_generate(

@@ -13,7 +13,10 @@ Two facts about the bundled server are handled here so users never meet them:
   ``LD_LIBRARY_PATH`` starting with the running interpreter's own lib folder (``sysconfig``);
 - the embedded interpreter finds its environment by searching ``python3`` on ``PATH``, so
   ``PATH`` starts with this environment's ``bin`` folder and the stub imports the same packages
-  (this one included) as the command that started it.
+  as the command that started it. The stub imports from its working directory first (a
+  source checkout there would shadow the installed package), so the server runs in its work
+  folder and ``PYTHONPATH`` starts with the folder this process imported ``maskattn_deploy``
+  from: the stub runs exactly the code of the command that started it.
 
 Each server gets its own shared-memory prefix, so several servers (or test runs) on one
 machine never share the Python backend's regions. The server process dies with its parent
@@ -95,6 +98,13 @@ class BundledServer:
         return server
 
 
+def package_root() -> Path:
+    """The folder this process imported ``maskattn_deploy`` from (site-packages or a checkout)."""
+    import maskattn_deploy
+
+    return Path(maskattn_deploy.__file__).resolve().parents[1]
+
+
 def python_lib_dir() -> Path:
     """The running interpreter's folder of ``libpython3.X.so`` (the stub must link this one)."""
     libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
@@ -161,7 +171,7 @@ class TritonServer:
         prefix = f"maskattn{os.getpid()}x{secrets.token_hex(3)}"
         return [
             str(server.binary),
-            f"--model-repository={self.repository}",
+            f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={backends}",
             f"--http-address={e.host}",
             f"--http-port={e.http_port}",
@@ -184,6 +194,9 @@ class TritonServer:
             libs.append(env["LD_LIBRARY_PATH"])
         env["LD_LIBRARY_PATH"] = os.pathsep.join(libs)
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(package_root())] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
@@ -192,8 +205,9 @@ class TritonServer:
         self.endpoints = self.endpoints.resolved()
         if self.workdir is None:
             raise ServerError("TritonServer needs a work folder")
-        backends = _prepare_backends(server, Path(self.workdir))
-        self.log_path = Path(self.workdir) / "tritonserver.log"
+        workdir = Path(self.workdir).resolve()
+        backends = _prepare_backends(server, workdir)
+        self.log_path = workdir / "tritonserver.log"
         log_file = self.log_path.open("w", buffering=1)
         self.process = subprocess.Popen(
             self.command(server, backends),
@@ -201,6 +215,7 @@ class TritonServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            cwd=workdir,  # the stub imports from its working directory first (see above)
             text=True,
             errors="replace",
             preexec_fn=_die_with_parent,
