@@ -73,6 +73,8 @@ CASES: dict[str, list[tuple[list[str], str]]] = {
         (["--kernel-tiling", "0,1"], "--kernel-tiling"),
     ],
     "export": [(["--external-data-threshold", "-1"], "--external-data-threshold")],
+    "serve": [(["--max-steps", "0"], "--max-steps"), (["--max-steps", "1001"], "--max-steps")],
+    "export-triton": [(["--max-steps", "1001"], "--max-steps")],
     "train": [
         (["--max-steps", "0"], "--max-steps"),
         (["train.steps=0"], "train.steps"),
@@ -91,6 +93,8 @@ BASE = {
     "selftest --dry-run": ["selftest", "--dry-run", "--out", "{out}"],
     "build": ["build", "{exp}", "--out", "{out}"],
     "export": ["export", "--out", "{out}"],
+    "serve": ["serve", "--http-port", "0", "--grpc-port", "0", "--metrics-port", "0"],
+    "export-triton": ["export-triton", "{exp}", "--out", "{out}"],
     "train": ["train", "--recipe", "tiny-synthetic", "--out", "{out}"],
 }
 

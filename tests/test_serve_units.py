@@ -61,7 +61,7 @@ def test_defaults_and_values_pass_through() -> None:
     kwargs, masks = parse_request(
         fields(
             PROMPT=b"x",
-            SEED=np.int64(-3),
+            SEED=np.int64(2**63 - 1),  # the largest INT64 seed
             STEPS=np.int32(4),
             GUIDANCE=np.float32(1.0),
             HEIGHT=np.int32(128),
@@ -70,7 +70,7 @@ def test_defaults_and_values_pass_through() -> None:
         Limits(),
     )
     assert (kwargs["seed"], kwargs["steps"], kwargs["guidance"], kwargs["height"]) == (
-        -3,
+        2**63 - 1,
         4,
         1.0,
         128,
@@ -82,11 +82,25 @@ def test_defaults_and_values_pass_through() -> None:
     ("values", "message"),
     [
         ({"PROMPT": b"   "}, "PROMPT is empty"),
-        ({"PROMPT": b"x", "STEPS": np.int32(0)}, "STEPS 0 is out of range; send 1..150"),
-        ({"PROMPT": b"x", "STEPS": np.int32(100000)}, "STEPS 100000 is out of range"),
-        ({"PROMPT": b"x", "GUIDANCE": np.float32(math.nan)}, "GUIDANCE nan is out of range"),
-        ({"PROMPT": b"x", "GUIDANCE": np.float32(math.inf)}, "GUIDANCE inf is out of range"),
-        ({"PROMPT": b"x", "GUIDANCE": np.float32(-1)}, "GUIDANCE -1.0 is out of range"),
+        # STEPS: the server's --max-steps (150 by default), tighter than the library's 1000
+        ({"PROMPT": b"x", "STEPS": np.int32(0)}, "STEPS must be an integer in 1..150, got 0"),
+        ({"PROMPT": b"x", "STEPS": np.int32(151)}, "STEPS must be an integer in 1..150, got 151"),
+        # the library's request limits (runtime.limits), named as request fields
+        ({"PROMPT": b"x", "GUIDANCE": np.float32(math.nan)}, "GUIDANCE must be a finite number"),
+        ({"PROMPT": b"x", "GUIDANCE": np.float32(math.inf)}, "in 0..100, got inf"),
+        (
+            {"PROMPT": b"x", "GUIDANCE": np.float32(-1)},
+            "GUIDANCE must be a finite number in 0..100, got -1",
+        ),
+        (
+            {"PROMPT": b"x", "SEED": np.int64(-1)},
+            "SEED must be an integer in 0..18446744073709551615, got -1",
+        ),
+        ({"PROMPT": b"x", "HEIGHT": np.int32(100)}, "HEIGHT 100 must be a positive multiple of 8"),
+        (
+            {"PROMPT": b"x", "WIDTH": np.int32(8192)},
+            "WIDTH must be an integer in 8..4096, got 8192",
+        ),
         ({"PROMPT": b"\xff\xfe"}, "PROMPT is not valid UTF-8"),
         ({"PROMPT": b"x" * 20000}, "PROMPT is 20000 bytes"),
     ],
@@ -331,7 +345,7 @@ def test_text_encoder_plan_declares_only_the_outputs_its_engine_keeps(
 
 def test_library_parameter_names_become_request_fields() -> None:
     from maskattn_deploy.runtime.pipeline import check_size
-    from maskattn_deploy.serve.triton_model import field_message
+    from maskattn_deploy.serve.protocol import field_message
 
     with pytest.raises(UserError) as caught:
         check_size("height", 100, None)

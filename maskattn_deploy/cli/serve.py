@@ -63,10 +63,10 @@ def serving_options(command: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--max-steps",
-            type=click.IntRange(1, 10_000),
+            type=int,
             default=150,
             show_default=True,
-            help="Largest STEPS a request may ask for.",
+            help="Largest STEPS a request may ask for (at most the library's limit, 1000).",
         ),
         ort_provider_option,
     ]
@@ -77,7 +77,11 @@ def serving_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def serve_config(**flags: Any) -> Any:
     """A :class:`~maskattn_deploy.serve.repository.ServeConfig` from the shared flags."""
+    from maskattn_deploy.checks import check_int
+    from maskattn_deploy.runtime.limits import MAX_STEPS
     from maskattn_deploy.serve.repository import ServeConfig
+
+    check_int("max_steps", flags["max_steps"], 1, MAX_STEPS)
 
     return ServeConfig(
         backend=flags["backend"] or "onnxruntime",

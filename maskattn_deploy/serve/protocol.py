@@ -35,12 +35,14 @@ TOKENS             BYTES   ``[T]`` prompt token labels (start ... end)
 ================== ======= ===================================================
 
 Unknown inputs, wrong types and wrong shapes are refused by Triton itself before the model
-runs; the checks here refuse values (:class:`RequestError`, answered as INVALID_ARG).
+runs; the checks here refuse values (:class:`RequestError`, answered as INVALID_ARG). The
+numbers go through the library's own request limits (:mod:`maskattn_deploy.runtime.limits`,
+which ``GenerateConfig`` applies too), with the library's parameter names shown as fields;
+only ``STEPS`` has a tighter, server-chosen bound (``--max-steps``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -94,7 +96,6 @@ NUMPY_DTYPES = {
 }
 
 MAX_PROMPT_BYTES = 16384  # far beyond 77 CLIP tokens; stops a megabyte "prompt" early
-MAX_GUIDANCE = 100.0
 
 
 class RequestError(UserError):
@@ -135,18 +136,33 @@ def parse_request(fields: Mapping[str, np.ndarray], limits: Limits) -> tuple[dic
     for name in ("HEIGHT", "WIDTH"):
         if name in fields:
             kwargs[name.lower()] = _integer(fields, name, 0)
-    if not 1 <= kwargs["steps"] <= limits.max_steps:
-        raise RequestError(
-            f"STEPS {kwargs['steps']} is out of range; send 1..{limits.max_steps} "
-            "(the server's --max-steps)"
-        )
-    guidance = kwargs["guidance"]
-    if not math.isfinite(guidance) or not 0.0 <= guidance <= MAX_GUIDANCE:
-        raise RequestError(
-            f"GUIDANCE {guidance} is out of range; send a finite value in 0..{MAX_GUIDANCE:g} "
-            "(values <= 1 turn guidance off)"
-        )
+    _check_numbers(kwargs, limits)
     return kwargs, bool(_scalar(fields, "RETURN_MASKS", False))
+
+
+def _check_numbers(kwargs: dict[str, Any], limits: Limits) -> None:
+    """The library's request limits (runtime.limits), STEPS within the server's --max-steps."""
+    from maskattn_deploy.checks import check_int
+    from maskattn_deploy.runtime.limits import check_request
+
+    try:
+        check_int("steps", kwargs["steps"], 1, limits.max_steps, hint=" (the server's --max-steps)")
+        check_request(
+            None,  # steps: checked above, against a bound no larger than the library's
+            kwargs["guidance"],
+            kwargs["seed"],
+            1,
+            kwargs.get("height"),
+            kwargs.get("width"),
+        )
+    except UserError as exc:
+        raise RequestError(field_message(exc)) from None
+
+
+def field_message(exc: UserError) -> str:
+    """A library message with its parameter names shown as request fields (height -> HEIGHT)."""
+    fields = {name.lower(): name for name in INPUTS}
+    return exc.message_for(lambda param: fields.get(param))
 
 
 def _scalar(fields: Mapping[str, np.ndarray], name: str, default: Any) -> Any:

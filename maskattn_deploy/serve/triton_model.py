@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.serve.protocol import INPUTS, Limits, RequestError, parse_request
+from maskattn_deploy.serve.protocol import (
+    INPUTS,
+    Limits,
+    RequestError,
+    field_message,
+    parse_request,
+)
 from maskattn_deploy.serve.repository import ServeConfig
 
 log = logging.getLogger("maskattn_deploy.serve")
@@ -164,12 +170,6 @@ class TritonPythonModel:
 
 def _error(pb: Any, message: str, code: str) -> Any:
     return pb.InferenceResponse(error=pb.TritonError(message, getattr(pb.TritonError, code)))
-
-
-def field_message(exc: UserError) -> str:
-    """A library message with its parameter names shown as request fields (height -> HEIGHT)."""
-    fields = {name.lower(): name for name in INPUTS}
-    return exc.message_for(lambda param: fields.get(param))
 
 
 def response_values(result: Any, masks: bool, wanted: set[str], batch_s: float) -> dict[str, Any]:
