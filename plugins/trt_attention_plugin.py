@@ -24,16 +24,18 @@ This module deliberately has no ``from __future__ import annotations``: ``tensor
 validates the decorated functions' annotations as live objects.
 """
 
-import logging
-import threading
-
 import numpy as np
 import numpy.typing as npt
+from maskattn_deploy.plugins.trt_common import (
+    PluginRegistration,
+    dtype_name,
+    launch,
+    scalar_attribute,
+    static_dim,
+)
 
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.ops.contract import ATTENTION_PLUGIN_ID, PLUGIN_VERSION
-
-logger = logging.getLogger(__name__)
+from maskattn_deploy.ops.contract import ATTENTION_PLUGIN_ID
 
 # (io type string q, k, v, G, o; q dtype; G dtype): the combinations the plugin offers.
 TYPE_COMBINATIONS = (
@@ -43,8 +45,7 @@ TYPE_COMBINATIONS = (
     ("FP16, FP16, FP16, FP16, FP16", "fp16", "fp16"),
 )
 
-_lock = threading.Lock()
-_registered: dict[str, object] = {}
+_registration = PluginRegistration(ATTENTION_PLUGIN_ID)
 
 
 def register_attention_plugin(tiling=None) -> bool:
@@ -67,29 +68,7 @@ def register_attention_plugin(tiling=None) -> bool:
                 )
     except (TypeError, ValueError) as exc:
         raise UserError(f"attention kernel tiling {tiling}: {exc}") from None
-    with _lock:
-        if "tiling" in _registered:
-            if _registered["tiling"] != wanted:
-                raise UserError(
-                    f"the {ATTENTION_PLUGIN_ID} plugin is already defined in this process with "
-                    f"tiling {_registered['tiling'] or 'default'}; build with tiling "
-                    f"{wanted or 'default'} in a new process"
-                )
-            return True
-        from maskattn_deploy.plugins.trt_plugin import QDP_PLUGIN_VERSION
-
-        if PLUGIN_VERSION != QDP_PLUGIN_VERSION:
-            raise RuntimeError(
-                f"contract PLUGIN_VERSION {PLUGIN_VERSION!r} differs from the version "
-                f"tensorrt.plugin registers ({QDP_PLUGIN_VERSION!r})"
-            )
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-
-        define_attention_plugin(trt, trtp, wanted)
-        _registered["tiling"] = wanted
-        logger.info("registered TensorRT plugin %s", ATTENTION_PLUGIN_ID)
-        return True
+    return _registration.ensure(wanted, define_attention_plugin)
 
 
 def define_attention_plugin(trt, trtp, tiling=None) -> None:
@@ -126,28 +105,16 @@ def define_attention_plugin(trt, trtp, tiling=None) -> None:
 
 def _scalar(value) -> float:
     """A float attribute (a one-element array, as the ONNX parser hands it over) as a float."""
-    flat = np.asarray(value, dtype=np.float32).reshape(-1)
-    if flat.size != 1:
-        raise ValueError(f"{ATTENTION_PLUGIN_ID}: attributes must be one number, got {flat.size}")
-    return float(flat[0])
-
-
-def _dtype_name(trt, dtype) -> str:
-    if dtype == trt.float16:
-        return "fp16"
-    if dtype == trt.float32:
-        return "fp32"
-    raise TypeError(f"{ATTENTION_PLUGIN_ID} supports fp16/fp32 tensors, got {dtype}")
+    return scalar_attribute(value, ATTENTION_PLUGIN_ID, "attributes")
 
 
 def _static(dim, what: str) -> int:
     """A build-time constant dimension, else a one-line error naming it."""
-    if getattr(dim, "is_fake", False) or not dim.is_constant:
-        raise ValueError(
-            f"{ATTENTION_PLUGIN_ID} needs the {what} fixed at build time (it is compiled into "
-            "the kernel); export with static text length and head dim"
-        )
-    return int(dim.constant_value())
+    return static_dim(
+        dim,
+        f"{ATTENTION_PLUGIN_ID} needs the {what} fixed at build time (it is compiled into "
+        "the kernel); export with static text length and head dim",
+    )
 
 
 def launch_scalars(b, h, n, t, d) -> tuple:
@@ -178,21 +145,18 @@ def _aot_launch(trt, trtp, descs, threshold: float, scale: float, tiling):
         tiling = (*default_rows(block_t(t_const)), 1)
     ptx, name, meta = compile_ptx(
         CompileRequest(
-            _dtype_name(trt, q.dtype),
+            dtype_name(trt, q.dtype, ATTENTION_PLUGIN_ID),
             cuda.sm,
             t=t_const,
             head_dim=d_const,
             threshold=threshold,
             scale=scale,
             tiling=tiling,
-            gate_dtype=_dtype_name(trt, g.dtype),
+            gate_dtype=dtype_name(trt, g.dtype, ATTENTION_PLUGIN_ID),
             ptx_version=ptx_version_for_driver(cuda.driver_version, cuda.sm),
         )
     )
-    params = trtp.KernelLaunchParams()
     # One program per BLOCK_N query rows of HEADS heads of one batch (LaunchMetadata.grid_x).
-    params.grid_x = b * trtp.cdiv(h, meta.heads_per_program) * trtp.cdiv(n, meta.block_n)
-    params.block_x = meta.block_x
-    params.shared_mem = meta.shared_mem
-    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in launch_scalars(b, h, n, t, d)])
+    grid_x = b * trtp.cdiv(h, meta.heads_per_program) * trtp.cdiv(n, meta.block_n)
+    params, extra = launch(trtp, grid_x, meta, launch_scalars(b, h, n, t, d))
     return name, ptx, params, extra

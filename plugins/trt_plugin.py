@@ -22,19 +22,19 @@ This module deliberately has no ``from __future__ import annotations``: ``tensor
 validates the decorated functions' annotations as live objects.
 """
 
-import logging
-import threading
-
 import numpy as np
 import numpy.typing as npt
+from maskattn_deploy.plugins.trt_common import QDP_PLUGIN_VERSION as QDP_PLUGIN_VERSION
+from maskattn_deploy.plugins.trt_common import (
+    PluginRegistration,
+    dtype_name,
+    launch,
+    scalar_attribute,
+    static_dim,
+)
 
 from maskattn_deploy.errors import UserError
-from maskattn_deploy.ops.contract import PLUGIN_ID, PLUGIN_VERSION
-
-logger = logging.getLogger(__name__)
-
-# tensorrt.plugin registers Python plugins with version "1"; the contract must agree.
-QDP_PLUGIN_VERSION = "1"
+from maskattn_deploy.ops.contract import PLUGIN_ID
 
 # (io type string S, G, P; S dtype; G dtype): the combinations the kernel implements, the
 # same set the ONNX schema of the custom node admits.
@@ -45,10 +45,9 @@ TYPE_COMBINATIONS = (
     ("FP16, FP16, FP16", "fp16", "fp16"),
 )
 
-_lock = threading.Lock()
-# TensorRT's plugin registry is per process and a Python plugin cannot be redefined, so the
-# tiling fixed at the first registration is remembered to refuse a different one later.
-_registered: dict[str, object] = {}
+_registration = PluginRegistration(PLUGIN_ID)
+# The tiling of this process's definition (see PluginRegistration).
+_registered = _registration.state
 
 
 def ptx_version_for_driver(driver_version: tuple[int, int], arch: int) -> int | None:
@@ -80,28 +79,7 @@ def register_plugin(tiling=None) -> bool:
         wanted = check_tiling(tiling) if tiling is not None else None
     except (TypeError, ValueError) as exc:
         raise UserError(f"kernel tiling {tiling}: {exc}") from None
-    with _lock:
-        if "tiling" in _registered:
-            if _registered["tiling"] != wanted:
-                have = _registered["tiling"]
-                raise UserError(
-                    f"the {PLUGIN_ID} plugin is already defined in this process with tiling "
-                    f"{tuple(have) if have else 'default'}; build with tiling "
-                    f"{tuple(wanted) if wanted else 'default'} in a new process"
-                )
-            return True
-        if PLUGIN_VERSION != QDP_PLUGIN_VERSION:
-            raise RuntimeError(
-                f"contract PLUGIN_VERSION {PLUGIN_VERSION!r} differs from the version "
-                f"tensorrt.plugin registers ({QDP_PLUGIN_VERSION!r})"
-            )
-        import tensorrt as trt
-        import tensorrt.plugin as trtp
-
-        define_plugin(trt, trtp, wanted)
-        _registered["tiling"] = wanted
-        logger.info("registered TensorRT plugin %s (version %s)", PLUGIN_ID, QDP_PLUGIN_VERSION)
-        return True
+    return _registration.ensure(wanted, define_plugin)
 
 
 def define_plugin(trt, trtp, tiling=None) -> None:
@@ -130,18 +108,7 @@ def define_plugin(trt, trtp, tiling=None) -> None:
 
 def scalar_threshold(value) -> float:
     """The threshold attribute (a one-element array) as a float."""
-    flat = np.asarray(value, dtype=np.float32).reshape(-1)
-    if flat.size != 1:
-        raise ValueError(f"{PLUGIN_ID}: threshold must be one number, got {flat.size} values")
-    return float(flat[0])
-
-
-def _dtype_name(trt, dtype) -> str:
-    if dtype == trt.float16:
-        return "fp16"
-    if dtype == trt.float32:
-        return "fp32"
-    raise TypeError(f"{PLUGIN_ID} supports fp16/fp32 tensors, got {dtype}")
+    return scalar_attribute(value, PLUGIN_ID, "threshold")
 
 
 def static_text_length(dim) -> int:
@@ -150,12 +117,11 @@ def static_text_length(dim) -> int:
     The padded row ``BLOCK_T`` is compiled into the kernel, and a kernel compiled for one
     length would leave longer rows' columns unwritten, so a dynamic length is refused.
     """
-    if getattr(dim, "is_fake", False) or not dim.is_constant:
-        raise ValueError(
-            f"{PLUGIN_ID} needs a text length fixed at build time (the last axis of its logits "
-            "is dynamic); export with a static text length, e.g. 77 tokens"
-        )
-    return int(dim.constant_value())
+    return static_dim(
+        dim,
+        f"{PLUGIN_ID} needs a text length fixed at build time (the last axis of its logits "
+        "is dynamic); export with a static text length, e.g. 77 tokens",
+    )
 
 
 def _aot_launch(trt, trtp, s, g, threshold: float, tiling):
@@ -167,20 +133,17 @@ def _aot_launch(trt, trtp, s, g, threshold: float, tiling):
     cuda = probe_cuda()
     b, h, n, t = s.shape_expr[0], s.shape_expr[1], s.shape_expr[2], s.shape_expr[3]
     ptx, name, meta = compile_ptx(
-        _dtype_name(trt, s.dtype),
+        dtype_name(trt, s.dtype, PLUGIN_ID),
         cuda.sm,
         padded_t(static_text_length(t)),
         threshold=threshold,
         tiling=tiling,
-        gate_dtype=_dtype_name(trt, g.dtype),
+        gate_dtype=dtype_name(trt, g.dtype, PLUGIN_ID),
         ptx_version=ptx_version_for_driver(cuda.driver_version, cuda.sm),
     )
-    params = trtp.KernelLaunchParams()
     # One program per ROWS token rows of HEADS heads of one batch (LaunchMetadata.grid_x).
     groups = trtp.cdiv(h, meta.heads_per_program)
-    params.grid_x = b * groups * trtp.cdiv(n, meta.rows_per_program)
-    params.block_x = meta.block_x
-    params.shared_mem = meta.shared_mem
+    grid_x = b * groups * trtp.cdiv(n, meta.rows_per_program)
     # Scalar kernel arguments in kernel order (after S and G, before P): n_rows, heads, n, t.
-    extra = trtp.SymIntExprs.from_tuple([trtp.SymInt32(e) for e in (b * h * n, h, n, t)])
+    params, extra = launch(trtp, grid_x, meta, (b * h * n, h, n, t))
     return name, ptx, params, extra

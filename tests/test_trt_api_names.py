@@ -22,6 +22,7 @@ NAMES_FILE = ROOT / "maskattn_deploy" / "engine" / "trt_api_names.json"
 # read as TensorRT optimization profiles to the scan.
 SCANNED = [
     ROOT / "plugins" / "trt_plugin.py",
+    ROOT / "plugins" / "trt_common.py",
     *sorted(
         p for p in (ROOT / "maskattn_deploy" / "engine").glob("*.py") if p.name != "profiles.py"
     ),
