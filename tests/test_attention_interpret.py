@@ -13,13 +13,11 @@ multiple of the block, partial head groups, strided and contiguous inputs.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from _interpret import run_interpreted
 
 from maskattn_deploy.ops.reference import gated_attention_reference, open_mask
 
@@ -165,25 +163,7 @@ CASE_NAMES = list(build_cases())
 def runs(tmp_path_factory) -> tuple[dict, dict]:
     tmp = tmp_path_factory.mktemp("attn-interp")
     cases = build_cases()
-    torch.save(cases, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            str(tmp / "cases.pt"),
-            str(tmp / "out.pt"),
-            ",".join(TILING_CASES),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp,
-    )  # fmt: skip  (cwd: outside the checkout, so the installed package is imported)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cases, torch.load(tmp / "out.pt")
+    return cases, run_interpreted(CHILD, cases, TILING_CASES, tmp, timeout=600)
 
 
 def _reference(c: dict, dtype: torch.dtype | None = None) -> torch.Tensor:

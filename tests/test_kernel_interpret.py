@@ -8,14 +8,12 @@ saves the outputs. Every comparison with the reference happens in this process.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from _interpret import run_interpreted
 
 from maskattn_deploy.ops.reference import masked_softmax_reference, open_mask
 
@@ -117,25 +115,7 @@ def build_cases() -> dict[str, dict]:
 def runs(tmp_path_factory) -> tuple[dict, dict]:
     tmp = tmp_path_factory.mktemp("interp")
     cases = build_cases()
-    torch.save(cases, tmp / "cases.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}  # the installed package, as users get it
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            str(tmp / "cases.pt"),
-            str(tmp / "out.pt"),
-            ",".join(TILING_CASES),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp,
-    )  # fmt: skip  (cwd: outside the checkout, so the installed package is imported)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cases, torch.load(tmp / "out.pt")
+    return cases, run_interpreted(CHILD, cases, TILING_CASES, tmp, timeout=300)
 
 
 def _atol(dtype: torch.dtype) -> float:
