@@ -431,15 +431,15 @@ def early_checks(options: GenerateOptions) -> None:
             )
 
 
-def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
-    """Generate, write PNGs (+ mask grids, + JSON) and return the report."""
-    early_checks(options)
-    pipeline, cache = build_pipeline(options, say)
-    steps = options.steps
-    if steps is None:
-        steps = DEFAULT_STEPS[TINY if pipeline.info.model_spec == TINY else "other"]
-    config = GenerateConfig(
-        prompt=options.prompt,
+def default_steps(pipeline: Pipeline) -> int:
+    """The step count of a request that sets none: fewer for the tiny model."""
+    return DEFAULT_STEPS[TINY if pipeline.info.model_spec == TINY else "other"]
+
+
+def request_config(options: GenerateOptions, prompt: str, steps: int | None) -> GenerateConfig:
+    """The request ``options`` describe (sampler, seed, size, count) for ``prompt``."""
+    return GenerateConfig(
+        prompt=prompt,
         negative_prompt=options.negative_prompt,
         steps=steps,
         guidance=options.guidance,
@@ -449,6 +449,14 @@ def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
         width=options.width,
         num_images=options.num_images,
     )
+
+
+def run_generate(options: GenerateOptions, say: Say = print) -> GenerateReport:
+    """Generate, write PNGs (+ mask grids, + JSON) and return the report."""
+    early_checks(options)
+    pipeline, cache = build_pipeline(options, say)
+    steps = default_steps(pipeline) if options.steps is None else options.steps
+    config = request_config(options, options.prompt, steps)
     record = options.save_masks and options.backend == "torch"
     mask_gates = mask_gates_for(options, pipeline)
     with pipeline.backend:

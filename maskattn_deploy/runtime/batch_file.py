@@ -163,26 +163,22 @@ def write_report(report: BatchReport, json_path: Path | None) -> None:
 
 def run_generate_batch(options: Any, batch_file: Path, say: Any = print) -> BatchReport:
     """``generate --batch-file``: the requests of ``batch_file`` with ``options`` as defaults."""
-    from maskattn_deploy.runtime.api import DEFAULT_STEPS, TINY, build_pipeline, early_checks
+    from maskattn_deploy.runtime.api import (
+        build_pipeline,
+        default_steps,
+        early_checks,
+        request_config,
+    )
 
     if options.save_masks or options.warmup:
         raise UserError("--batch-file runs without --save-masks and --warmup; drop those flags")
     early_checks(replace(options, prompt=options.prompt or "(from --batch-file)"))
-    base = GenerateConfig(
-        prompt="",
-        negative_prompt=options.negative_prompt,
-        steps=options.steps,  # None: the model's default, known once it is loaded
-        guidance=options.guidance,
-        scheduler=options.scheduler,
-        seed=options.seed,
-        height=options.height,
-        width=options.width,
-        num_images=options.num_images,
-    )
+    # steps None: the model's default, known once it is loaded
+    base = request_config(options, "", options.steps)
     configs = read_batch_file(batch_file, base)  # before loading anything: fail fast
     pipeline, _ = build_pipeline(options, say)
-    default_steps = DEFAULT_STEPS[TINY if pipeline.info.model_spec == TINY else "other"]
-    configs = [replace(c, steps=default_steps) if c.steps is None else c for c in configs]
+    steps = default_steps(pipeline)
+    configs = [replace(c, steps=steps) if c.steps is None else c for c in configs]
     report = run_batch(pipeline, configs, Path(options.out), options.progress)
     write_report(report, options.json_path)
     return report
