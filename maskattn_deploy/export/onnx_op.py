@@ -55,14 +55,35 @@ from maskattn_deploy.ops.contract import (
 if TYPE_CHECKING:
     import onnx
 
-# Attributes every custom node carries (the function declares the same list).
-NODE_ATTRIBUTES = ("threshold", "plugin_namespace", "plugin_version", "aot")
-ATTENTION_NODE_ATTRIBUTES = ("threshold", "scale", "plugin_namespace", "plugin_version", "aot")
+# The attributes both custom nodes carry for TensorRT's plugin lookup, with their values.
+PLUGIN_ATTRIBUTES = {
+    "plugin_namespace": PLUGIN_NAMESPACE,
+    "plugin_version": PLUGIN_VERSION,
+    "aot": 1,
+}
+# Attributes of each custom node (its function declares the same list).
+NODE_ATTRIBUTES = ("threshold", *PLUGIN_ATTRIBUTES)
+ATTENTION_NODE_ATTRIBUTES = ("threshold", "scale", *PLUGIN_ATTRIBUTES)
 # Custom node types and the index of their gate-logit input.
 NODE_TYPES = (PLUGIN_NAME, ATTENTION_PLUGIN_NAME)
 GATE_INPUT = {PLUGIN_NAME: 1, ATTENTION_PLUGIN_NAME: 3}
 # Export option --attention-node: the custom node type each value writes.
 ATTENTION_NODES = {"softmax": PLUGIN_NAME, "fused": ATTENTION_PLUGIN_NAME}
+# The types the TensorRT plugins implement (fp32/fp16 tensors, fp32/fp16 gate logits); a bf16
+# graph would parse and then find no plugin kernel.
+_FLOATS = ["tensor(float)", "tensor(float16)"]
+
+
+def _plugin_attributes() -> list[onnx.defs.OpSchema.Attribute]:
+    """Schema entries of :data:`PLUGIN_ATTRIBUTES` (both custom nodes end with them)."""
+    from onnx.defs import OpSchema
+
+    attr = OpSchema.AttrType
+    return [
+        OpSchema.Attribute("plugin_namespace", attr.STRING, "TensorRT plugin namespace"),
+        OpSchema.Attribute("plugin_version", attr.STRING, "TensorRT plugin version"),
+        OpSchema.Attribute("aot", attr.INT, "1: TensorRT AOT implementation"),
+    ]
 
 
 def op_schema() -> onnx.defs.OpSchema:
@@ -70,9 +91,6 @@ def op_schema() -> onnx.defs.OpSchema:
     from onnx.defs import OpSchema
 
     attr = OpSchema.AttrType
-    # The types the TensorRT plugin implements (fp32/fp16 logits, fp32/fp16 gate logits); a
-    # bf16 graph would parse and then find no plugin kernel.
-    floats = ["tensor(float)", "tensor(float16)"]
     return OpSchema(
         PLUGIN_NAME,
         ONNX_DOMAIN,
@@ -83,12 +101,10 @@ def op_schema() -> onnx.defs.OpSchema:
             OpSchema.FormalParameter("gate_logits", "T1", "G [b,1,n,t]"),
         ],
         outputs=[OpSchema.FormalParameter("probs", "T", "P [b,h,n,t], dtype of S")],
-        type_constraints=[("T", floats, "logits"), ("T1", floats, "gate logits")],
+        type_constraints=[("T", _FLOATS, "logits"), ("T1", _FLOATS, "gate logits")],
         attributes=[
             OpSchema.Attribute("threshold", attr.FLOAT, "open where g > threshold"),
-            OpSchema.Attribute("plugin_namespace", attr.STRING, "TensorRT plugin namespace"),
-            OpSchema.Attribute("plugin_version", attr.STRING, "TensorRT plugin version"),
-            OpSchema.Attribute("aot", attr.INT, "1: TensorRT AOT implementation"),
+            *_plugin_attributes(),
         ],
     )
 
@@ -98,7 +114,6 @@ def attention_op_schema() -> onnx.defs.OpSchema:
     from onnx.defs import OpSchema
 
     attr = OpSchema.AttrType
-    floats = ["tensor(float)", "tensor(float16)"]  # the TensorRT plugin's types
     return OpSchema(
         ATTENTION_PLUGIN_NAME,
         ONNX_DOMAIN,
@@ -112,13 +127,11 @@ def attention_op_schema() -> onnx.defs.OpSchema:
             OpSchema.FormalParameter("gate_logits", "T1", "G [b,n,t]"),
         ],
         outputs=[OpSchema.FormalParameter("out", "T", "o [b,h,n,d], dtype of q")],
-        type_constraints=[("T", floats, "q, k, v"), ("T1", floats, "gate logits")],
+        type_constraints=[("T", _FLOATS, "q, k, v"), ("T1", _FLOATS, "gate logits")],
         attributes=[
             OpSchema.Attribute("threshold", attr.FLOAT, "open where g > threshold"),
             OpSchema.Attribute("scale", attr.FLOAT, "factor on q k^T"),
-            OpSchema.Attribute("plugin_namespace", attr.STRING, "TensorRT plugin namespace"),
-            OpSchema.Attribute("plugin_version", attr.STRING, "TensorRT plugin version"),
-            OpSchema.Attribute("aot", attr.INT, "1: TensorRT AOT implementation"),
+            *_plugin_attributes(),
         ],
     )
 
@@ -138,9 +151,7 @@ def translation_table() -> dict[Any, Any]:
             logits,
             gate_logits,
             threshold=float(threshold),
-            plugin_namespace=PLUGIN_NAMESPACE,
-            plugin_version=PLUGIN_VERSION,
-            aot=1,
+            **PLUGIN_ATTRIBUTES,
         )
 
     gated_attention = onnxscript.values.Op(opset, ATTENTION_PLUGIN_NAME, attention_op_schema())
@@ -156,9 +167,7 @@ def translation_table() -> dict[Any, Any]:
             gate_logits,
             threshold=float(threshold),
             scale=float(scale),
-            plugin_namespace=PLUGIN_NAMESPACE,
-            plugin_version=PLUGIN_VERSION,
-            aot=1,
+            **PLUGIN_ATTRIBUTES,
         )
 
     return {
