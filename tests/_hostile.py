@@ -11,19 +11,35 @@ import pytest
 from maskattn_deploy.cli.main import main
 
 
+def _exit_code(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """Run ``maskattn-deploy ARGS`` in this process; its exit code."""
+    monkeypatch.setattr(sys, "argv", ["maskattn-deploy", *args])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> tuple[int, str]:
     """``maskattn-deploy ARGS`` in this process; returns (exit code, stderr).
 
     An exception other than SystemExit escapes: that is a traceback a user would see.
     """
-    monkeypatch.setattr(sys, "argv", ["maskattn-deploy", *args])
     capsys.readouterr()
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
+    code = _exit_code(args, monkeypatch)
     return code, capsys.readouterr().err
+
+
+def run_generate(monkeypatch: pytest.MonkeyPatch, capsys, *args: str) -> tuple[int, str, str]:
+    """``maskattn-deploy generate ARGS``; (exit code, stdout, last stderr line).
+
+    The output read includes whatever the test printed before (capsys is not cleared first).
+    """
+    code = _exit_code(["generate", *args], monkeypatch)
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    return code, out.out, lines[-1] if lines else ""
 
 
 def assert_one_line_error(err: str, *needles: str) -> str:

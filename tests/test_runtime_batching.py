@@ -13,15 +13,14 @@ single-request path `generate` uses). Tolerances, measured on this machine's CPU
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _hostile import run_generate as cli
 
-from maskattn_deploy.cli.main import main
 from maskattn_deploy.errors import UserError
 from maskattn_deploy.runtime.batching import RowLayout, batch_key, plan_batches
 from maskattn_deploy.runtime.model_info import ModelInfo
@@ -145,17 +144,6 @@ def test_onnxruntime_batch_is_bit_identical_to_each_request_alone(ort: Pipeline)
         assert np.array_equal(pixels(result.images[0]), pixels(alone.images[0]))
     with pytest.raises(UserError, match="accepts at most 4"):
         ort.generate_batch(configs + [replace(C, height=128, width=128)])
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["maskattn-deploy", "generate", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err.strip().splitlines()[-1] if out.err.strip() else ""
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _hostile import run_generate as cli
 from PIL import Image
 
 from maskattn_deploy.cli.main import main
@@ -31,19 +32,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 images (inf when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run the real entry point; (exit code, stdout, last stderr line)."""
-    monkeypatch.setattr(sys, "argv", ["maskattn-deploy", "generate", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    lines = out.err.strip().splitlines()
-    return code, out.out, lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")
