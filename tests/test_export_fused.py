@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 import pytest
-import torch
+from _gates import write_distinct_gates
 from click.testing import CliRunner
 
 from maskattn_deploy.cli.main import cli
@@ -26,22 +26,8 @@ pytestmark = pytest.mark.slow  # two UNet exports, about 30 s each on 2 cores
 
 @pytest.fixture(scope="module")
 def gates_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seeded untrained gates on the mid stage, one head per layer with distinct biases (as in
-    test_parity_export.py: no gate logit sits at the threshold, where fp32 rounding could flip
-    a gate between PyTorch and ONNX Runtime)."""
-    from maskattn_deploy.gating import GateConfig, GateSet, select_layers
-    from maskattn_deploy.gating.checkpoint import checkpoint_from_gates, write_checkpoint
-    from maskattn_deploy.models.tiny import build_tiny_unet
-
-    unet = build_tiny_unet()
-    config = GateConfig(share_heads=False)
-    torch.manual_seed(7)
-    gates = GateSet(config, select_layers(unet, config))
-    with torch.no_grad():
-        for i, head in enumerate(gates.heads.values()):
-            head.bias.fill_(0.01 * (i + 1))
-    ckpt = checkpoint_from_gates(gates, unet, step=0, metadata={"kind": "test"})
-    return write_checkpoint(ckpt, tmp_path_factory.mktemp("gates") / "gates")
+    """Seeded untrained gates with distinct biases (see ``_gates.write_distinct_gates``)."""
+    return write_distinct_gates(tmp_path_factory.mktemp("gates"))
 
 
 def _export(tmp_path_factory, gates_dir: Path, fp16: bool) -> Path:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
+from _gates import write_distinct_gates
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -32,20 +32,8 @@ BROKEN_LAYER = "up_blocks.0.attentions.1.transformer_blocks.0.attn2"  # 7th of 1
 
 @pytest.fixture(scope="module")
 def gates_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seeded untrained gates on the mid stage with one head per layer (distinct biases)."""
-    from maskattn_deploy.gating import GateConfig, GateSet, select_layers
-    from maskattn_deploy.gating.checkpoint import checkpoint_from_gates, write_checkpoint
-    from maskattn_deploy.models.tiny import build_tiny_unet
-
-    unet = build_tiny_unet()
-    config = GateConfig(share_heads=False)
-    torch.manual_seed(7)
-    gates = GateSet(config, select_layers(unet, config))
-    with torch.no_grad():
-        for i, head in enumerate(gates.heads.values()):
-            head.bias.fill_(0.01 * (i + 1))  # distinct, so no two bias initializers coincide
-    ckpt = checkpoint_from_gates(gates, unet, step=0, metadata={"kind": "test"})
-    return write_checkpoint(ckpt, tmp_path_factory.mktemp("gates") / "gates")
+    """Seeded untrained gates with distinct biases (see ``_gates.write_distinct_gates``)."""
+    return write_distinct_gates(tmp_path_factory.mktemp("gates"))
 
 
 @pytest.fixture(scope="module")
