@@ -255,7 +255,7 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["x", "--backend", "jax"], "unknown backend 'jax'; choose one of onnxruntime, torch"),
         (["   "], "the prompt is empty"),
         (["x", "--height", "100"], "--height 100 must be a positive multiple of 8"),
-        (["x", "--width", "0"], "--width 0 must be a positive multiple of 8"),
+        (["x", "--width", "0"], "--width must be an integer in 8..4096, got 0"),
         (["x", "--gates", "g", "--no-gates"], "either --gates or --no-gates"),
         (["x", "--backend", "torch", "--no-gates", "--model", "no/such-model-xyz"], "cannot load"),
     ],
