@@ -43,6 +43,7 @@ class ModelInfo:
     default_size: tuple[int, int] = (1024, 1024)  # (height, width) in pixels
     height_range: Range | None = None  # allowed pixel heights (None: any multiple of 8)
     size_multiple: int = PIXEL_MULTIPLE  # pixel sizes the UNet runs at (export/spec.py)
+    latent_channels: int = 4  # the UNet's in_channels (SDXL: 4)
     width_range: Range | None = None
     batch_range: Range | None = None  # UNet rows (CFG doubles the image count)
     precision: str = "fp32"
@@ -74,6 +75,7 @@ class ModelInfo:
             ),
             default_size=(size, size),
             size_multiple=pixel_multiple(pipe.unet.config),
+            latent_channels=int(pipe.unet.config.in_channels),
             text_states=(
                 hidden_state(int(pipe.text_encoder.config.num_hidden_layers) - 1),
                 hidden_state(int(pipe.text_encoder_2.config.num_hidden_layers) - 1),
@@ -103,6 +105,7 @@ class ModelInfo:
             default_size=(shapes.height[1], shapes.width[1]),
             height_range=(shapes.height[0], shapes.height[2]),
             size_multiple=export_size_multiple(export_dir),
+            latent_channels=int(_unet_config(export_dir).get("in_channels", 4)),
             width_range=(shapes.width[0], shapes.width[2]),
             batch_range=(shapes.batch[0], shapes.batch[2]),
             precision=manifest.precision,
@@ -124,11 +127,20 @@ def _text_states(manifest: ExportManifest) -> tuple[str, str] | None:
     return first, second
 
 
+def _unet_config(export_dir: Path) -> dict[str, Any]:
+    """The UNet's ``config.json`` in the export ({} for exports made before it was written)."""
+    try:
+        config = json.loads((export_dir / "unet" / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def export_size_multiple(export_dir: Path) -> int:
     """From the UNet's config in the export; exports without one ran at multiples of 64."""
     try:
-        return pixel_multiple(json.loads((export_dir / "unet" / "config.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        return pixel_multiple(_unet_config(export_dir))
+    except (ValueError, KeyError, TypeError):
         return PIXEL_MULTIPLE
 
 

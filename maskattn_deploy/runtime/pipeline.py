@@ -48,8 +48,6 @@ from maskattn_deploy.runtime.schedulers import SCHEDULERS, make_scheduler
 
 log = logging.getLogger(__name__)
 
-LATENT_CHANNELS = 4
-
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -273,7 +271,7 @@ class Pipeline:
         generator = torch.Generator("cpu").manual_seed(config.seed)
         shape = (
             config.num_images,
-            LATENT_CHANNELS,
+            self.info.latent_channels,
             config.height // LATENT_FACTOR,
             config.width // LATENT_FACTOR,
         )
